@@ -1,0 +1,114 @@
+"""Dataset cards: the README.md that travels with every shard folder.
+
+Hugging Face style: YAML front matter a hub can index (license, task, sizes,
+splits, data files), then prose a stranger needs to trust and load the data —
+where it came from, how it was checked, and the sha256 of every file.
+Rendered from the stats dict alone, so the card says exactly what was written.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.datasets import DatasetSpec
+
+
+def _q(value: object) -> str:
+    """A YAML scalar (JSON strings are valid YAML and need no escaping rules of our own)."""
+    return json.dumps(value)
+
+
+def size_category(n: int) -> str:
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < bound:
+            return label
+    return "1M<n<10M"
+
+
+def clean_card(spec: DatasetSpec, stats: dict) -> str:
+    """Markdown card for a clean folder described by ``stats``."""
+    counts = stats["counts"]
+    total = sum(counts.values())
+    lines = [
+        "---",
+        f"pretty_name: {_q(spec.title + ' (advgen clean shards)')}",
+        f"license: {spec.license}",
+        "task_categories:",
+        "- image-classification",
+        "size_categories:",
+        f"- {size_category(total)}",
+        "source_datasets:",
+        f"- {spec.name}",
+        "tags:",
+        "- webdataset",
+        "- advgen",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+    ]
+    for split in stats["shards"]:
+        lines += [f"  - split: {split}", f"    path: {_q(split + '-*.tar')}"]
+    lines += [
+        "dataset_info:",
+        "  features:",
+        "  - name: png",
+        "    dtype: image",
+        "  - name: cls",
+        "    dtype:",
+        "      class_label:",
+        "        names:",
+    ]
+    lines += [f"          '{i}': {_q(c)}" for i, c in enumerate(spec.classes)]
+    lines += ["  splits:"]
+    for split, n in counts.items():
+        lines += [f"  - name: {split}", f"    num_examples: {n}"]
+    lines += ["---", ""]
+
+    src = stats["source"]
+    subset = (
+        f" This is a subset: the first {stats['limit']} images of each split (keys still give source indices)."
+        if stats["limit"] else ""
+    )
+    c, h, w = spec.shape
+    lines += [
+        f"# {spec.title} — clean WebDataset shards",
+        "",
+        f"Every image of {spec.title} ({', '.join(f'{n} {s}' for s, n in counts.items())}), "
+        f"{h}×{w}×{c} uint8, {spec.num_classes} classes, written by advgen {stats['versions']['advgen']}.{subset}",
+        "",
+        "## Source",
+        "",
+        f"- Homepage: {spec.homepage}",
+        f"- License: `{spec.license}` — {spec.license_note}",
+        f"- Citation: {spec.citation}",
+        f"- Checked by: {src['verification']}. Every split also passed count, shape and label-range checks.",
+        "- Source files (md5): " + ", ".join(f"`{n}` {m}" for n, m in src["files_md5"].items()),
+        "- Decoded content sha256 (images NHWC uint8, then labels uint8): "
+        + ", ".join(f"{s} `{d}`" for s, d in src["content_sha256"].items()),
+        "",
+        "## Format",
+        "",
+        f"Tar shards `{{split}}-NNNNNN.tar` of {stats['shard_size']} samples (the last may be shorter). "
+        "Each sample: `KEY.png` (lossless) and `KEY.cls` (label, ASCII digits); KEY is the zero-padded "
+        "index in the original split. Beside each shard a `.parquet` manifest (key, index, label, "
+        "label_name, png_sha256). `_stats.json` is written last and marks the folder complete.",
+        "",
+        "```python",
+        "import webdataset as wds",
+        f"ds = wds.WebDataset('train-{{000000..{len(stats['shards']['train']) - 1:06d}}}.tar').decode('{'l8' if c == 1 else 'rgb8'}').to_tuple('png', 'cls')",
+        "```",
+        "",
+        "## Files",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
+    lines += [f"| `{n}` | `{d}` |" for n, d in sorted(stats["sha256"].items())]
+    lines += [
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in stats["versions"].items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""WebDataset shard IO: deterministic tars, parquet manifests, checksums.
+
+A shard is a plain tar readable by the ``webdataset`` library. Samples are
+groups of members sharing a key: ``000123.png`` (lossless uint8 image) and
+``000123.cls`` (the label as ASCII digits). Keys are zero-padded source indices
+with no dots, since webdataset splits a member name at its first dot.
+
+Determinism: members are written in sorted order with ``mtime=0`` and fixed
+owner names, so the same samples always give the same bytes. Safety: every file
+is written under a temporary name and renamed into place, so a crash never
+leaves a file that looks complete; readers never unpickle anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.errors import CorruptFile
+
+STATS = "_stats.json"
+KEY_WIDTH = 6  # 73257 SVHN training images fit; keys sort like numbers
+
+
+def key_of(index: int) -> str:
+    """The sample key for source index ``index``: zero-padded, dot-free."""
+    return f"{index:0{KEY_WIDTH}d}"
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG of an (H, W, C) uint8 image (C = 1 or 3)."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"PNG samples must be uint8, got {image.dtype}")
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """(H, W, C) uint8 array from PNG bytes (gray images get C = 1)."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_tar(path: Path, samples: Iterable[dict[str, bytes]]) -> None:
+    """Write samples ({"__key__": str, ext: bytes, ...}) as a tar, atomically.
+
+    Each sample's members are written in sorted extension order; samples in
+    the order given. The file appears under ``path`` only once complete.
+    """
+    import webdataset as wds  # heavy import, only where shards are written
+
+    tmp = _atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, user="advgen", group="advgen", mode=0o444, mtime=0, encoder=False) as w:
+                for sample in samples:
+                    if "." in sample["__key__"]:
+                        raise ValueError(f"sample key {sample['__key__']!r} contains a dot")
+                    w.write(sample)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """Write a parquet file atomically (no pandas metadata, so bytes are stable)."""
+    tmp = _atomic_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically with sorted keys, so equal objects give equal bytes."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample, in file order. Nothing is unpickled."""
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = info.name.partition(".")
+                if key != current:
+                    if current is not None:
+                        yield current, members
+                    current, members = key, {}
+                f = tar.extractfile(info)
+                assert f is not None
+                members[ext] = f.read()
+    except (tarfile.TarError, OSError) as e:
+        raise CorruptFile(path, f"not a readable tar shard ({e})") from None
+    if current is not None:
+        yield current, members
+
+
+def read_stats(directory: Path, *, kind: str) -> dict:
+    """The ``_stats.json`` completion marker of a shard folder, checked for ``kind``."""
+    path = directory / STATS
+    if not directory.is_dir():
+        raise CorruptFile(directory, "no such folder")
+    if not path.is_file():
+        raise CorruptFile(directory, f"no {STATS}: the folder is incomplete or was not written by advgen")
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptFile(path, f"unreadable ({e})") from None
+    if stats.get("kind") != kind:
+        raise CorruptFile(path, f"expected a {kind!r} folder, found {stats.get('kind')!r}")
+    return stats
+
+
+def verify_shards(directory: Path, stats: dict) -> None:
+    """Check every shard listed in ``stats`` exists with its recorded sha256."""
+    for name, want in sorted(stats["sha256"].items()):
+        p = directory / name
+        if not p.is_file():
+            raise CorruptFile(p, "missing (listed in _stats.json)")
+        got = sha256_file(p)
+        if got != want:
+            raise CorruptFile(p, f"sha256 {got[:16]}… differs from the recorded {want[:16]}…")
+
+
+def read_images(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode shards into (N, C, H, W) uint8 images, (N,) int64 labels and keys."""
+    images, labels, keys = [], [], []
+    for path in paths:
+        for key, members in iter_tar(path):
+            if "png" not in members or "cls" not in members:
+                raise CorruptFile(path, f"sample {key} lacks .png or .cls")
+            images.append(decode_png(members["png"]))
+            labels.append(int(members["cls"]))
+            keys.append(key)
+    if not images:
+        raise CorruptFile(paths[0] if paths else "shards", "no samples")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(labels, dtype=torch.int64), keys

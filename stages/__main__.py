@@ -1,0 +1,5 @@
+"""``python -m stages`` (what torchrun launches) runs the same CLI as ``advgen``."""
+
+from stages.cli import main
+
+main()

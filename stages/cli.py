@@ -1,0 +1,10 @@
+"""Entry point of the ``advgen`` console script: imports every stage, then runs the app."""
+
+from __future__ import annotations
+
+from stages import prepare, train  # noqa: F401 - importing registers the commands
+from stages.app import app
+
+
+def main() -> None:
+    app()
