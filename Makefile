@@ -33,7 +33,7 @@ fashion-mnist:
 # The demo is the real dvc.yaml (demo/dvc.yaml links to it) on demo/params.yaml.
 demo: install fashion-mnist
 	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
-	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show
+	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show -R metrics
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

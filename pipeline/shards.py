@@ -95,7 +95,8 @@ def write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
+    """Write a text file atomically (creating its folder if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_path(path)
     try:
         tmp.write_text(text, encoding="utf-8")
