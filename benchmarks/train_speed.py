@@ -42,8 +42,8 @@ def bare_loop(victim: str, shape, batch: int, steps: int, dev: torch.device) -> 
     model = build(victim, dataset="bench", input_shape=shape, num_classes=10,
                   mean=[0.5] * shape[0], std=[0.25] * shape[0]).to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    xs = torch.rand(8, batch, *shape, device=dev).contiguous(memory_format=torch.channels_last)
-    ys = torch.randint(0, 10, (8, batch), device=dev)
+    xs = [torch.rand(batch, *shape, device=dev).contiguous(memory_format=torch.channels_last) for _ in range(8)]
+    ys = [torch.randint(0, 10, (batch,), device=dev) for _ in range(8)]
     cuda = dev.type == "cuda"
 
     def step(i: int) -> None:

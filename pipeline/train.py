@@ -148,7 +148,8 @@ def train_victim(
     if x.dtype != torch.uint8 or x.ndim != 4:
         raise ValueError(f"expected uint8 images (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
     mean, std = channel_stats(x)
-    with torch.random.fork_rng():
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         model = build(arch, dataset=dataset, input_shape=x.shape[1:], num_classes=num_classes, mean=mean, std=std)
         stats = _fit(model, x, y, recipe=recipe, seed=seed, device=device,
