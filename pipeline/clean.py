@@ -27,7 +27,7 @@ from pipeline.cards import clean_card
 from pipeline.datasets import SPLITS, DatasetSpec, Source
 from pipeline.errors import BadParameter, CorruptFile
 from pipeline.shards import (
-    STATS, encode_png, key_of, read_images, read_stats, sha256_file, shard_name,
+    STATS, encode_png, key_of, read_images, read_stats, file_digest, shard_name,
     verify_shards, write_json, write_parquet, write_tar, write_text,
 )
 from pipeline.versions import versions
@@ -79,9 +79,9 @@ def write_clean(
         names = [n for s in SPLITS for n in shards[s]]
         digests = {}
         for n in names:
-            digests[n] = sha256_file(staging / n)
+            digests[n] = file_digest(staging / n)
             manifest = n.replace(".tar", ".parquet")
-            digests[manifest] = sha256_file(staging / manifest)
+            digests[manifest] = file_digest(staging / manifest)
         stats = {
             "kind": "clean",
             "format_version": FORMAT_VERSION,

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.errors import CorruptFile, DatasetNotFound, unknown
 from pipeline.formats import read_cifar_batches, read_idx, read_svhn_mat
+from pipeline.shards import file_digest
 
 SPLITS: tuple[str, ...] = ("train", "test")
 Verification = Literal["original files (md5)", "decoded content (sha256)", "unverified"]
@@ -276,24 +277,15 @@ def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def file_md5(path: Path) -> str:
-    """md5 of one file's bytes."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_md5s(spec: DatasetSpec, paths: dict[str, Path]) -> dict[str, str]:
     """md5 of every file read; for an extracted folder, of the members it was read from."""
     out = {}
     for p in paths.values():
         if p.is_dir():
             members = sorted(q for q in p.iterdir() if q.name in spec.file_md5 and q.is_file())
-            out.update({str(q): file_md5(q) for q in members})
+            out.update({str(q): file_digest(q, "md5") for q in members})
         else:
-            out[str(p)] = file_md5(p)
+            out[str(p)] = file_digest(p, "md5")
     return out
 
 

@@ -110,8 +110,9 @@ def write_json(path: Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -163,7 +164,7 @@ def verify_shards(directory: Path, stats: dict) -> None:
         p = directory / name
         if not p.is_file():
             raise CorruptFile(p, "missing (listed in _stats.json)")
-        got = sha256_file(p)
+        got = file_digest(p)
         if got != want:
             raise CorruptFile(p, f"sha256 {got[:16]}… differs from the recorded {want[:16]}…")
 
