@@ -60,6 +60,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     assert (profile / "data/mnist/victims/mlp.pt").is_file()
     lock = (profile / "dvc.lock").read_text()
     assert "prepare@mnist" in lock and "train@mnist-mlp" in lock and "../pipeline/train.py" in lock
+    assert "train.mnist-mlp:" in lock and "prepare.limit: 200" in lock  # params tracked, for `dvc params diff`
 
     assert "up to date" in _run(["dvc", "status", "dvc.yaml"], profile, env)
     assert "didn't change, skipping" in _run(["dvc", "repro"], profile, env)
@@ -70,3 +71,4 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     (profile / "params.yaml").write_text(TINY.replace("EPOCHS", "1"))
     status = _run(["dvc", "status", "dvc.yaml"], profile, env)
     assert "train@mnist-mlp" in status and "prepare@mnist" not in status
+    assert "train.mnist-mlp" in status  # reported as a modified param
