@@ -112,3 +112,98 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def variant_card(spec: DatasetSpec, stats: dict) -> str:
+    """Markdown card for one generated variant (method, ε) described by ``stats``."""
+    counts = stats["counts"]
+    eps = stats["eps"]
+    title = f"{spec.title} — {stats['method']}" + (f" ε={eps}" if eps is not None else "")
+    victim = stats["victim"]
+    lines = [
+        "---",
+        f"pretty_name: {_q(title + ' (advgen)')}",
+        f"license: {spec.license}",
+        "task_categories:",
+        "- image-classification",
+        "size_categories:",
+        f"- {size_category(sum(counts.values()))}",
+        "source_datasets:",
+        f"- {spec.name}",
+        "tags:",
+        "- webdataset",
+        "- advgen",
+        "- adversarial-examples" if stats["direction"] == "adversarial" else "- cooperative-examples",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+    ]
+    for split in stats["shards"]:
+        lines += [f"  - split: {split}", f"    path: {_q(split + '-*.tar')}"]
+    lines += ["advgen:"]
+    for key in ("method", "direction", "norm", "eps", "label_source", "seed", "device"):
+        lines.append(f"  {key}: {_q(stats[key])}")
+    lines += [f"  params: {_q(stats['params'])}",
+              f"  victim: {_q(victim)}",
+              f"  fingerprint: {_q(stats['fingerprint'])}",
+              "  splits:"]
+    for split, summary in stats["splits"].items():
+        lines.append(f"    {split}: {_q(summary)}")
+    lines += ["---", ""]
+
+    what = "lower" if stats["direction"] == "cooperative" else "raise"
+    lines += [
+        f"# {title}",
+        "",
+        f"A full {stats['direction']} copy of {spec.title} ({', '.join(f'{n} {s}' for s, n in counts.items())}): "
+        f"every image moved by `{stats['method']}` ({stats['norm']} norm"
+        + (f", ε = {eps} in [0, 1] pixel units" if eps is not None else "")
+        + f") to {what} the loss of the {'true' if stats['label_source'] == 'true' else 'predicted'} label "
+        f"of a `{victim['arch']}` victim trained on {spec.title}.",
+        "",
+        "## How it was made",
+        "",
+        f"- Source: {spec.title}, {spec.homepage} — license `{spec.license}`: {spec.license_note}",
+        f"- Victim: `{victim['arch']}`, checkpoint sha256 `{victim['sha256']}`, clean test accuracy "
+        f"{victim['test_accuracy']:.4f}.",
+        f"- Method `{stats['method']}`, parameters {json.dumps(stats['params'], sort_keys=True)}, seed {stats['seed']}.",
+        f"- Computed on {stats['device']}. Images are stored as PNG rounded to nearest uint8; predictions and "
+        "success were measured on the stored images. GPU results are not bit-reproducible across machines; "
+        "CPU runs with the same inputs are byte-identical.",
+        f"- Versions: {', '.join(f'{k} {v}' for k, v in stats['versions'].items())}.",
+        "",
+        "## Results on the stored images",
+        "",
+        "| split | images | clean acc. | acc. | success | mean ‖δ‖∞ | max ‖δ‖∞ | mean ‖δ‖₂ | outcome changed by rounding |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, s in stats["splits"].items():
+        lines.append(
+            f"| {split} | {s['count']} | {s['clean_accuracy']:.4f} | {s['accuracy']:.4f} | {s['success_rate']:.4f} | "
+            f"{s['mean_linf']:.4f} | {s['max_linf']:.4f} | {s['mean_l2']:.4f} | {s.get('rounding_changed', 'not audited')} |"
+        )
+    lines += [
+        "",
+        "## Format",
+        "",
+        "Each output shard comes from the clean shard of the same name and keeps its keys: `KEY.png` (stored "
+        "image), `KEY.cls` (true label)" + (", `KEY.npy` (float32 image before rounding, no pickle)"
+                                             if stats["store_float"] else "")
+        + ". The `.parquet` manifest beside each shard has per-sample key, index, label, clean and adversarial "
+        "prediction and confidence, success, ‖δ‖∞, ‖δ‖₂"
+        + (", DeepFool's ‖r‖₂, iterations and convergence" if stats["method"] == "deepfool" else "") + ".",
+        "",
+        "```python",
+        "import webdataset as wds",
+        f"ds = wds.WebDataset('test-{{000000..{len(stats['shards'].get('test', stats['shards'][next(iter(stats['shards']))])) - 1:06d}}}.tar')"
+        f".decode('{'l8' if spec.shape[0] == 1 else 'rgb8'}').to_tuple('png', 'cls')",
+        "```",
+        "",
+        "## Files",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
+    lines += [f"| `{n}` | `{d}` |" for n, d in sorted(stats["sha256"].items())]
+    lines.append("")
+    return "\n".join(lines)

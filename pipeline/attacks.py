@@ -1,0 +1,368 @@
+"""Attacks: one small keyword-only function per method, and a registry.
+
+Conventions (checked by ``run``, the library entry point):
+
+* images are float tensors (N, C, H, W) in [0, 1]; epsilons are in the same
+  pixel units; normalization lives inside the model;
+* the model arrives in eval mode and outputs logits; nothing here switches
+  modes;
+* every loss is a per-sample cross-entropy summed over the batch, so each
+  image's gradient is its own and results do not depend on the batch size;
+* ``sign = +1`` steps up the loss of the given label (adversarial), ``-1``
+  steps down (cooperative, or towards a target class).
+
+Single-step methods (``fgsm``, ``fgm``, ``fgm_l2``, ``d_fgsm``, ``d_fgm``) are
+functions of the clean image and its loss gradient only: one forward+backward
+serves all of them at every epsilon (see ``loss_gradient``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import BadParameter, unknown
+
+Norm = Literal["linf", "l2", "none"]
+Direction = Literal["adversarial", "cooperative"]
+Kind = Literal["single", "targeted_single", "iterative", "targeted_iterative", "random_start", "minimal"]
+
+
+# --- gradients and per-sample helpers -------------------------------------------------------------
+
+def loss_gradient(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(∇ₓ Σᵢ CE(model(xᵢ), yᵢ), logits at x). Gradients in fp32."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(_fp32_at_least(logits), y, reduction="sum"), x)
+    return grad, logits.detach()
+
+
+def _fp32_at_least(t: Tensor) -> Tensor:
+    """Upcast bf16/fp16 logits to fp32; leave fp32 and fp64 alone."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _l2(t: Tensor) -> Tensor:
+    """Per-sample L2 norm, shaped to broadcast over (N, C, H, W)."""
+    return t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def _unit_l2(g: Tensor) -> Tensor:
+    return g / _l2(g).clamp_min(1e-12)
+
+
+def sample_seed(seed: int, split: str, index: int) -> int:
+    """A per-image seed: random starts depend on the image, not on batch or shard layout."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()[:8], "little") >> 1
+
+
+def random_start(shape: tuple[int, ...], eps: float, norm: Norm, seeds: list[int]) -> Tensor:
+    """Per-image starting perturbations drawn uniformly from the ε-ball (CPU, float32).
+
+    L∞: uniform in the cube. L2: a uniform direction and radius ε·u^(1/d),
+    which is uniform in the ball's volume (not on its surface).
+    """
+    out = torch.empty(len(seeds), *shape)
+    d = float(torch.tensor(shape).prod())
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        if norm == "linf":
+            out[i] = (torch.rand(shape, generator=g) * 2 - 1) * eps
+        else:
+            v = torch.randn(shape, generator=g)
+            out[i] = v / v.norm().clamp_min(1e-12) * eps * torch.rand((), generator=g) ** (1 / d)
+    return out
+
+
+def least_likely(logits: Tensor, target: Literal["least_likely", "top5_lowest"]) -> Tensor:
+    """Target classes: the lowest-scoring class, or the fifth-ranked one (a milder target)."""
+    if target == "least_likely":
+        return logits.argmin(1)
+    if target == "top5_lowest":
+        if logits.shape[1] < 5:
+            raise BadParameter(f"target top5_lowest needs at least 5 classes, the model has {logits.shape[1]}")
+        return logits.topk(5, dim=1).indices[:, 4]
+    raise BadParameter(f"--target must be least_likely or top5_lowest, got {target!r}")
+
+
+# --- single-step methods: functions of the shared gradient ----------------------------------------
+
+def fgsm(x: Tensor, *, grad: Tensor, eps: float) -> Tensor:
+    """x + ε·sign(∇ₓJ(x, y))  (Goodfellow et al., 2015)."""
+    return (x + eps * grad.sign()).clamp(0, 1)
+
+
+def fgm(x: Tensor, *, grad: Tensor, eps: float) -> Tensor:
+    """x + ε·∇ₓJ(x, y): the raw, unsigned gradient ("fast gradient magnitude")."""
+    return (x + eps * grad).clamp(0, 1)
+
+
+def fgm_l2(x: Tensor, *, grad: Tensor, eps: float) -> Tensor:
+    """x + ε·∇ₓJ/‖∇ₓJ‖₂: the L2 fast gradient method."""
+    return (x + eps * _unit_l2(grad)).clamp(0, 1)
+
+
+def d_fgsm(x: Tensor, *, grad: Tensor, eps: float) -> Tensor:
+    """x − ε·sign(∇ₓJ(x, y)): cooperative, lowers the true label's loss."""
+    return (x - eps * grad.sign()).clamp(0, 1)
+
+
+def d_fgm(x: Tensor, *, grad: Tensor, eps: float) -> Tensor:
+    """x − ε·∇ₓJ(x, y): cooperative, unsigned."""
+    return (x - eps * grad).clamp(0, 1)
+
+
+# --- iterative methods: one shared loop -----------------------------------------------------------
+
+def _project(x0: Tensor, x: Tensor, eps: float, norm: Norm) -> Tensor:
+    delta = x - x0
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return (x0 + delta).clamp(0, 1)
+
+
+def _iterate(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float,
+             sign: int, norm: Norm, start: Tensor | None = None) -> Tensor:
+    """``steps`` projected steps of ``step_size`` along sign(∇) (L∞) or ∇/‖∇‖₂ (L2)."""
+    x_adv = x if start is None else _project(x, x + start, eps, norm)
+    for _ in range(steps):
+        grad, _ = loss_gradient(model, x_adv, y)
+        step = grad.sign() if norm == "linf" else _unit_l2(grad)
+        x_adv = _project(x, x_adv + sign * step_size * step, eps, norm).detach()
+    return x_adv
+
+
+def bim(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float) -> Tensor:
+    """Iterative FGSM (Kurakin et al., 2017): L∞-projected sign steps up the loss of y."""
+    return _iterate(model, x, y, eps=eps, steps=steps, step_size=step_size, sign=+1, norm="linf")
+
+
+def d_bim(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float) -> Tensor:
+    """Cooperative BIM: projected sign steps down the loss of y."""
+    return _iterate(model, x, y, eps=eps, steps=steps, step_size=step_size, sign=-1, norm="linf")
+
+
+def illc_fast(model: nn.Module, x: Tensor, target: Tensor, *, eps: float) -> Tensor:
+    """One sign step down the loss of the target class (least-likely class method)."""
+    grad, _ = loss_gradient(model, x, target)
+    return (x - eps * grad.sign()).clamp(0, 1)
+
+
+def illc_iter(model: nn.Module, x: Tensor, target: Tensor, *, eps: float, steps: int, step_size: float) -> Tensor:
+    """Iterative least-likely class: BIM towards a target fixed from the clean prediction."""
+    return _iterate(model, x, target, eps=eps, steps=steps, step_size=step_size, sign=-1, norm="linf")
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float, start: Tensor) -> Tensor:
+    """L∞ PGD (Madry et al., 2018): BIM from a random start inside the ball."""
+    return _iterate(model, x, y, eps=eps, steps=steps, step_size=step_size, sign=+1, norm="linf", start=start)
+
+
+def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float, start: Tensor) -> Tensor:
+    """L2 PGD: normalized-gradient steps, projected onto the L2 ball, from a random start."""
+    return _iterate(model, x, y, eps=eps, steps=steps, step_size=step_size, sign=+1, norm="l2", start=start)
+
+
+# --- DeepFool -------------------------------------------------------------------------------------
+
+@dataclass
+class DeepFoolResult:
+    x: Tensor  # perturbed images in [0, 1]
+    r_l2: Tensor  # per-sample ‖x_adv − x‖₂ before clamping to [0, 1]
+    iterations: Tensor  # int64
+    converged: Tensor  # bool: the label changed within max_iter
+
+
+def deepfool(model: nn.Module, x: Tensor, y: Tensor, *, candidates: int = 10, overshoot: float = 0.02,
+             max_iter: int = 50) -> DeepFoolResult:
+    """Multi-class L2 DeepFool (Moosavi-Dezfooli et al., 2016), batched.
+
+    ``y`` is the class to move away from. Images not classified as ``y`` to
+    begin with are returned unchanged (0 iterations, converged). Each
+    iteration linearizes the logits around the current point, picks among the
+    ``candidates`` top-scoring classes the boundary nearest in L2, and steps
+    just past it; the total step is scaled by (1 + overshoot). Finished images
+    are frozen while the others go on.
+    """
+    n = x.shape[0]
+    with torch.no_grad():
+        logits0 = model(x)
+    k = min(candidates, logits0.shape[1])
+    # Candidate classes ranked on the clean image; the original class goes first.
+    ranked = logits0.topk(k, dim=1).indices
+    pos = torch.arange(k, device=x.device).expand(n, k).masked_fill(ranked == y[:, None], k)  # y sorts last
+    others = ranked.gather(1, pos.argsort(dim=1)[:, : k - 1])
+    cand = torch.cat([y[:, None], others], dim=1)  # (n, k)
+    r_tot = torch.zeros_like(x)
+    iterations = torch.zeros(n, dtype=torch.int64, device=x.device)
+    active = logits0.argmax(1) == y
+    converged = ~active
+    for _ in range(max_iter):
+        idx = active.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        xa = (x[idx] + (1 + overshoot) * r_tot[idx]).clamp(0, 1).requires_grad_(True)
+        out = _fp32_at_least(model(xa))
+        still = out.argmax(1) == y[idx]
+        done = idx[~still]
+        converged[done] = True
+        active[done] = False
+        if not still.any():
+            break
+        c = cand[idx]
+        f = out.gather(1, c)  # (m, k)
+        grads = [torch.autograd.grad(f[:, j].sum(), xa, retain_graph=j < k - 1)[0] for j in range(k)]
+        w = torch.stack([g - grads[0] for g in grads[1:]], dim=1)  # (m, k-1, C, H, W)
+        fd = (f[:, 1:] - f[:, :1]).detach()  # (m, k-1)
+        wn = w.flatten(2).norm(dim=2)  # (m, k-1)
+        dist = fd.abs() / wn.clamp_min(1e-12)
+        best = dist.argmin(1)
+        w_best = w[torch.arange(len(idx), device=x.device), best]
+        r_i = ((fd.abs().gather(1, best[:, None]).squeeze(1) + 1e-4) / wn.gather(1, best[:, None]).squeeze(1)
+               .clamp_min(1e-12) ** 2).view(-1, 1, 1, 1) * w_best
+        keep = idx[still]
+        r_tot[keep] += r_i[still].detach()
+        iterations[keep] += 1
+    with torch.no_grad():
+        x_adv = (x + (1 + overshoot) * r_tot).clamp(0, 1)
+    return DeepFoolResult(x=x_adv, r_l2=_l2((1 + overshoot) * r_tot).flatten(), iterations=iterations,
+                          converged=converged)
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[..., Tensor] | Callable[..., DeepFoolResult]
+    norm: Norm  # the norm whose ε-ball holds the perturbation ("none": unbounded)
+    direction: Direction
+    kind: Kind
+
+
+METHODS: dict[str, Method] = {
+    "fgsm": Method(fgsm, "linf", "adversarial", "single"),
+    "fgm": Method(fgm, "none", "adversarial", "single"),
+    "fgm_l2": Method(fgm_l2, "l2", "adversarial", "single"),
+    "d_fgsm": Method(d_fgsm, "linf", "cooperative", "single"),
+    "d_fgm": Method(d_fgm, "none", "cooperative", "single"),
+    "bim": Method(bim, "linf", "adversarial", "iterative"),
+    "d_bim": Method(d_bim, "linf", "cooperative", "iterative"),
+    "illc_fast": Method(illc_fast, "linf", "adversarial", "targeted_single"),
+    "illc_iter": Method(illc_iter, "linf", "adversarial", "targeted_iterative"),
+    "pgd": Method(pgd, "linf", "adversarial", "random_start"),
+    "pgd_l2": Method(pgd_l2, "l2", "adversarial", "random_start"),
+    "deepfool": Method(deepfool, "l2", "adversarial", "minimal"),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise unknown("method", name, METHODS) from None
+
+
+def uses_eps(name: str) -> bool:
+    return get_method(name).kind != "minimal"
+
+
+def default_step_size(eps: float, steps: int) -> float:
+    """2.5·ε/steps: enough to reach the ball's boundary and move along it (Madry et al.)."""
+    return 2.5 * eps / steps
+
+
+def check_params(name: str, *, eps: float | None, steps: int, step_size: float | None,
+                 label_source: str, target: str, candidates: int, overshoot: float, max_iter: int) -> None:
+    """Raise ``BadParameter`` for anything out of range, before any compute."""
+    get_method(name)
+    if uses_eps(name):
+        if eps is None or not 0 <= eps <= 1:
+            raise BadParameter(f"--eps must lie in [0, 1] (pixel units), got {eps}")
+    if steps < 1:
+        raise BadParameter(f"--steps must be >= 1, got {steps}")
+    if step_size is not None and not step_size > 0:
+        raise BadParameter(f"--step-size must be > 0, got {step_size}")
+    if label_source not in ("true", "predicted"):
+        raise BadParameter(f"--label-source must be true or predicted, got {label_source!r}")
+    if target not in ("least_likely", "top5_lowest"):
+        raise BadParameter(f"--target must be least_likely or top5_lowest, got {target!r}")
+    if candidates < 2:
+        raise BadParameter(f"--candidates must be >= 2, got {candidates}")
+    if not 0 <= overshoot <= 1:
+        raise BadParameter(f"--overshoot must lie in [0, 1], got {overshoot}")
+    if max_iter < 1:
+        raise BadParameter(f"--max-iter must be >= 1, got {max_iter}")
+
+
+def check_model_and_input(model: nn.Module, x: Tensor) -> None:
+    """Pre-conditions: eval mode, inputs in [0, 1]."""
+    if model.training:
+        raise ValueError("attacks expect the model in eval mode (call model.eval() first)")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"inputs must lie in [0, 1], got [{x.min().item():.4f}, {x.max().item():.4f}]")
+
+
+def check_output(name: str, x: Tensor, x_adv: Tensor, eps: float | None) -> None:
+    """Post-conditions: range, and the ε-ball for the norm-bounded methods."""
+    if x_adv.min() < 0 or x_adv.max() > 1:
+        raise AssertionError(f"{name} left [0, 1]: [{x_adv.min().item()}, {x_adv.max().item()}]")
+    norm = get_method(name).norm
+    if eps is None or get_method(name).kind == "minimal":
+        return
+    if norm == "linf":
+        worst = (x_adv - x).abs().max().item() if x.numel() else 0.0
+    elif norm == "l2":
+        worst = _l2(x_adv - x).max().item() if x.numel() else 0.0
+    else:
+        return
+    if worst > eps * (1 + 1e-5) + 1e-6:
+        raise AssertionError(f"{name} left its {norm} ε-ball: {worst} > {eps}")
+
+
+def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, steps: int = 10,
+        step_size: float | None = None, label_source: str = "true", target: str = "least_likely",
+        seeds: list[int] | None = None, candidates: int = 10, overshoot: float = 0.02,
+        max_iter: int = 50) -> Tensor:
+    """Apply method ``name`` to images ``x`` (N, C, H, W) in [0, 1] with labels ``y``; returns floats in [0, 1].
+
+    ``label_source="predicted"`` uses the model's top-1 prediction as the
+    gradient label. ``seeds`` (one int per image) drive random starts; default
+    ``sample_seed(0, "run", i)``. Checks pre- and post-conditions.
+    """
+    method = get_method(name)
+    check_params(name, eps=eps, steps=steps, step_size=step_size, label_source=label_source, target=target,
+                 candidates=candidates, overshoot=overshoot, max_iter=max_iter)
+    check_model_and_input(model, x)
+    with torch.no_grad():
+        logits = model(x)
+    label = logits.argmax(1) if label_source == "predicted" else y
+    if method.kind == "single":
+        grad, _ = loss_gradient(model, x, label)
+        out = method.fn(x, grad=grad, eps=eps)
+    elif method.kind == "minimal":
+        out = deepfool(model, x, label, candidates=candidates, overshoot=overshoot, max_iter=max_iter).x
+    else:
+        assert eps is not None
+        size = step_size if step_size is not None else default_step_size(eps, steps)
+        if method.kind == "targeted_single":
+            out = illc_fast(model, x, least_likely(logits, target), eps=eps)  # type: ignore[arg-type]
+        elif method.kind == "targeted_iterative":
+            out = illc_iter(model, x, least_likely(logits, target), eps=eps, steps=steps,  # type: ignore[arg-type]
+                            step_size=size)
+        elif method.kind == "random_start":
+            seeds = seeds if seeds is not None else [sample_seed(0, "run", i) for i in range(x.shape[0])]
+            start = random_start(tuple(x.shape[1:]), eps, method.norm, seeds).to(x.device)
+            out = method.fn(model, x, label, eps=eps, steps=steps, step_size=size, start=start)
+        else:
+            out = method.fn(model, x, label, eps=eps, steps=steps, step_size=size)
+    check_output(name, x, out, eps)
+    return out.detach()

@@ -1,0 +1,149 @@
+"""``advgen generate``: full adversarial and cooperative copies of a clean folder, per method and ε.
+
+Several processes: ``torchrun --nproc_per_node N -m stages generate ...``
+splits the input shards across ranks (shard i to rank i mod N); rank 0 writes
+the cards and stats once every rank is done. The bytes are the same as with
+one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from pipeline.attacks import METHODS, check_params, get_method
+from pipeline.cards import variant_card
+from pipeline.clean import open_clean
+from pipeline.datasets import get_dataset
+from pipeline.errors import BadParameter
+from pipeline.generate import AttackParams, fingerprint, generate as run_generate, plan
+from pipeline.shards import file_digest
+from pipeline.train import resolve_device
+from pipeline.variants import finalize
+from pipeline.versions import versions
+from pipeline.victims import load
+from stages.app import log, stage
+from stages.progress import bar
+
+
+def _split_commas(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@stage
+def generate(
+    victim_ckpt: Path = typer.Option(..., help="Victim checkpoint (.pt) from `advgen train`."),
+    clean: Path = typer.Option(..., help="Clean folder from `advgen prepare` (same dataset as the victim)."),
+    out: Path = typer.Option(..., help="Output root: OUT/<method>/eps=<ε>/{split}-NNNNNN.tar."),
+    method: list[str] = typer.Option(..., help=f"Repeatable (or comma-separated). One of: {', '.join(METHODS)}."),
+    eps: list[str] = typer.Option([], help="Repeatable (or comma-separated) ε in [0, 1] pixel units."),
+    split: list[str] = typer.Option(["train", "test"], help="Splits to copy (repeatable)."),
+    steps: int = typer.Option(10, help="Iterations of bim, d_bim, illc_iter, pgd, pgd_l2."),
+    step_size: float = typer.Option(0.0, help="Step of the iterative methods; 0 = 2.5·ε/steps."),
+    label_source: str = typer.Option("true", help="Gradient label: true, or predicted (the model's top-1)."),
+    target: str = typer.Option("least_likely", help="illc_*: least_likely or top5_lowest."),
+    candidates: int = typer.Option(10, help="DeepFool: classes considered (top-k)."),
+    overshoot: float = typer.Option(0.02, help="DeepFool overshoot."),
+    max_iter: int = typer.Option(50, help="DeepFool iteration limit."),
+    seed: int = typer.Option(0, help="Seeds PGD random starts (per image)."),
+    batch_size: int = typer.Option(256, help="Images per forward/backward."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (torchrun: cuda:LOCAL_RANK)."),
+    workers: int = typer.Option(1, help="Processes encoding PNGs and writing shards while compute goes on; 0 = inline."),
+    store_float: bool = typer.Option(False, help="Also store each float image before rounding as KEY.npy."),
+    rounding_audit: bool = typer.Option(True, help="Classify the float image too, to count outcomes changed by rounding."),
+    prune: bool = typer.Option(False, help="Delete variant folders under OUT that this run did not ask for."),
+) -> None:
+    """Write a full copy of every requested split per (method, ε), with manifests and cards."""
+    methods = _split_commas(method)
+    try:
+        eps_values = [float(e) for e in _split_commas(eps)]
+    except ValueError:
+        raise BadParameter(f"--eps takes numbers, got {eps}") from None
+    for m in methods:
+        get_method(m)
+    if any(METHODS[m].kind != "minimal" for m in methods) and not eps_values:
+        raise BadParameter("--eps is required for every method but deepfool")
+    params = AttackParams(steps=steps, step_size=step_size or None, label_source=label_source, target=target,
+                          candidates=candidates, overshoot=overshoot, max_iter=max_iter, seed=seed)
+    for m in methods:
+        for e in (eps_values if METHODS[m].kind != "minimal" else [None]):
+            check_params(m, eps=e, steps=steps, step_size=params.step_size, label_source=label_source,
+                         target=target, candidates=candidates, overshoot=overshoot, max_iter=max_iter)
+    if batch_size < 1 or workers < 0:
+        raise BadParameter("--batch-size must be >= 1 and --workers >= 0")
+    stats = open_clean(clean)
+    for s in split:
+        if s not in stats["shards"]:
+            raise BadParameter(f"unknown split {s!r}; {clean} has {', '.join(stats['shards'])}")
+    spec = get_dataset(stats["dataset"])
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = resolve_device(device)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model = load(victim_ckpt, dataset=stats["dataset"], map_location=dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    victim_sha = file_digest(victim_ckpt)
+    variants = plan(methods, eps_values)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
+
+    log(f"generate: {len(variants)} variant(s) of {stats['dataset']} ({', '.join(split)}) with "
+        f"{model.meta.arch} on {dev}" + (f", rank {rank}/{world}" if world > 1 else ""))
+    with bar("generate") as b:
+        counts = run_generate(
+            model, clean=clean, clean_stats=stats, out=out, variants=variants, splits=list(split), params=params,
+            victim_sha256=victim_sha, device=dev, batch_size=batch_size, workers=workers, store_float=store_float,
+            rounding_audit=rounding_audit, rank=rank, world_size=world,
+            on_progress=lambda done, total, what: b.update(done, total, what, line=done == total),
+        )
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        clean_sha = file_digest(clean / "_stats.json")
+        for v in variants:
+            m = METHODS[v.method]
+            base = {
+                "format_version": 1, "dataset": stats["dataset"], "method": v.method, "eps": v.eps,
+                "norm": m.norm, "direction": m.direction, "label_source": label_source, "seed": seed,
+                "params": params.relevant(v.method), "store_float": store_float, "rounding_audit": rounding_audit,
+                "device": dev.type, "versions": versions(), "clean_stats_sha256": clean_sha,
+                "victim": {"arch": model.meta.arch, "dataset": model.meta.dataset, "sha256": victim_sha,
+                           "test_accuracy": model.meta.test_accuracy},
+            }
+            fp = fingerprint(v, params, victim_sha256=victim_sha, clean_sha256=clean_sha,
+                             store_float=store_float, rounding_audit=rounding_audit)
+            vstats = finalize(out / v.folder, shards={s: stats["shards"][s] for s in split}, fingerprint=fp,
+                              stats_base=base, render_card=lambda st: variant_card(spec, st))
+            summary = ", ".join(f"{s} acc {d['accuracy']:.4f} success {d['success_rate']:.4f}"
+                                for s, d in vstats["splits"].items())
+            print(f"{out / v.folder}: {summary}")
+        if prune:
+            _prune(out, {v.folder for v in variants})
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    log(f"generate: {counts['computed']} shard(s) computed, {counts['skipped']} already done")
+
+
+def _prune(out: Path, keep: set[str]) -> None:
+    """Remove variant folders under ``out`` that are not in ``keep`` (method or method/eps=… paths)."""
+    for method_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        name = method_dir.name
+        if name in keep:
+            continue
+        if not any(k.startswith(name + "/") for k in keep):
+            shutil.rmtree(method_dir)
+            continue
+        for eps_dir in sorted(p for p in method_dir.iterdir() if p.is_dir()):
+            if f"{name}/{eps_dir.name}" not in keep:
+                shutil.rmtree(eps_dir)
