@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import copy_project
+from conftest import ROOT, copy_project
 
 TINY = """\
 code: ..
@@ -26,6 +27,21 @@ prepare:
   verify: structure
 train:
   mnist-mlp: {dataset: mnist, victim: mlp, epochs: EPOCHS, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0}
+generate:
+  mnist-mlp-fast:
+    dataset: mnist
+    victim: mlp
+    family: fast
+    grid: {method: [fgsm, d_fgsm], eps: [0.05, 0.1], split: [test]}
+    steps: 10
+    step_size: 0
+    label_source: "true"
+    target: least_likely
+    candidates: 10
+    overshoot: 0.02
+    max_iter: 50
+    batch_size: 64
+    workers: 0
 """
 
 
@@ -47,12 +63,15 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     env = {**cli_env, "ADVGEN_MIRROR": str(mnist_mirror), "PYTHONPATH": str(repo)}
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
-    _run(["dvc", "config", "core.analytics", "false"], repo, env)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # parsing.list = append, no analytics
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
 
     out = _run(["dvc", "repro"], profile, env)
-    assert "prepare@mnist" in out and "train@mnist-mlp" in out
+    assert "prepare@mnist" in out and "train@mnist-mlp" in out and "generate@mnist-mlp-fast" in out
+    assert "--method fgsm --method d_fgsm --eps 0.05 --eps 0.1 --split test" in out
+    variant = profile / "data/mnist/adv/mlp/fast/fgsm/eps=0.1"
+    assert json.loads((variant / "_stats.json").read_text())["counts"] == {"test": 200}
     stats = json.loads((profile / "data/mnist/clean/_stats.json").read_text())
     assert stats["counts"] == {"train": 200, "test": 200}
     metrics = json.loads((profile / "metrics/mnist/mlp/train.json").read_text())
@@ -72,3 +91,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     status = _run(["dvc", "status", "dvc.yaml"], profile, env)
     assert "train@mnist-mlp" in status and "prepare@mnist" not in status
     assert "train.mnist-mlp" in status  # reported as a modified param
+    # Retraining changes the victim, so generation reruns; persisted shards with the old
+    # victim's fingerprint are recomputed, never reused.
+    rerun = _run(["dvc", "repro"], profile, env)
+    assert "generate: 32 shard(s) computed, 0 already done" in rerun  # 4 variants x 8 test shards
