@@ -166,7 +166,7 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
         elif m.kind == "random_start":
             start = attacks.random_start(tuple(b.x.shape[1:]), v.eps, m.norm, b.seeds).to(b.x.device)
             x_adv = m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size,
-                         start=start.contiguous(memory_format=torch.channels_last) if b.x.is_cuda else start)
+                         start=start.contiguous(memory_format=torch.channels_last))
         elif m.kind == "minimal":
             r = attacks.deepfool(model, b.x, b.label, candidates=params.candidates, overshoot=params.overshoot,
                                  max_iter=params.max_iter)
@@ -265,9 +265,7 @@ def _attack_shard(model: nn.Module, path: Path, split: str, variants: list[Varia
     parts: dict[Variant, list[dict[str, Tensor]]] = {v: [] for v in variants}
     single_step = any(METHODS[v.method].kind == "single" for v in variants)
     for lo in range(0, len(keys), batch_size):
-        x = x_u8[lo:lo + batch_size].float().div_(255)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x_u8[lo:lo + batch_size].float().div_(255).contiguous(memory_format=torch.channels_last)
         y = y_all[lo:lo + batch_size]
         grad = None
         if params.label_source == "true" and single_step:

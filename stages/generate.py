@@ -88,9 +88,8 @@ def generate(
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model = load(victim_ckpt, dataset=stats["dataset"], map_location=dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # Channels-last: faster convolutions on GPUs and (measured in training) on the CPU too.
+    model = load(victim_ckpt, dataset=stats["dataset"], map_location=dev).to(memory_format=torch.channels_last)
     victim_sha = file_digest(victim_ckpt)
     variants = plan(methods, eps_values)
     if world > 1:

@@ -243,3 +243,20 @@ def test_rounding_keeps_0_6_drops_0_4_and_counts_changed_outcomes():
 
     table = pa.table({k: v.numpy() for k, v in cols.items() if k not in ("stored", "float")} | {"label": y.numpy()})
     assert summarize(table)["rounding_changed"] == 1
+
+
+def test_loading_helpers_give_the_stored_images(reference):
+    from torch.utils.data import DataLoader
+
+    from pipeline.loading import ShardDataset, iter_batches
+
+    folder = reference / "fgsm" / "eps=0.1"
+    batches = list(iter_batches(folder, "test", batch_size=10))
+    assert [len(y) for _, y in batches] == [10, 10, 4]
+    x = torch.cat([b for b, _ in batches])
+    assert x.shape == (24, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    first = next(iter_tar(folder / "test-000000.tar"))[1]
+    assert torch.equal(x[0, 0], torch.from_numpy(decode_png(first["png"])[..., 0]).float() / 255)
+    loaded = list(DataLoader(ShardDataset(folder, "test"), batch_size=8, num_workers=2))
+    assert sum(len(y) for _, y in loaded) == 24
+    assert sorted(torch.cat([y for _, y in loaded]).tolist()) == sorted(torch.cat([y for _, y in batches]).tolist())
