@@ -25,6 +25,25 @@ def size_category(n: int) -> str:
     return "1M<n<10M"
 
 
+def _loading_and_files(spec: DatasetSpec, stats: dict, split: str) -> list[str]:
+    """A webdataset snippet for ``split`` and the sha256 table of every file."""
+    last = len(stats["shards"][split]) - 1
+    decode = "l8" if spec.shape[0] == 1 else "rgb8"
+    return [
+        "",
+        "```python",
+        "import webdataset as wds",
+        f"ds = wds.WebDataset('{split}-{{000000..{last:06d}}}.tar').decode('{decode}').to_tuple('png', 'cls')",
+        "```",
+        "",
+        "## Files",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+        *(f"| `{n}` | `{d}` |" for n, d in sorted(stats["sha256"].items())),
+    ]
+
+
 def clean_card(spec: DatasetSpec, stats: dict) -> str:
     """Markdown card for a clean folder described by ``stats``."""
     counts = stats["counts"]
@@ -92,18 +111,8 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
         "Each sample: `KEY.png` (lossless) and `KEY.cls` (label, ASCII digits); KEY is the zero-padded "
         "index in the original split. Beside each shard a `.parquet` manifest (key, index, label, "
         "label_name, png_sha256). `_stats.json` is written last and marks the folder complete.",
-        "",
-        "```python",
-        "import webdataset as wds",
-        f"ds = wds.WebDataset('train-{{000000..{len(stats['shards']['train']) - 1:06d}}}.tar').decode('{'l8' if c == 1 else 'rgb8'}').to_tuple('png', 'cls')",
-        "```",
-        "",
-        "## Files",
-        "",
-        "| file | sha256 |",
-        "|---|---|",
     ]
-    lines += [f"| `{n}` | `{d}` |" for n, d in sorted(stats["sha256"].items())]
+    lines += _loading_and_files(spec, stats, "train")
     lines += [
         "",
         "## Versions",
@@ -192,18 +201,7 @@ def variant_card(spec: DatasetSpec, stats: dict) -> str:
         + ". The `.parquet` manifest beside each shard has per-sample key, index, label, clean and adversarial "
         "prediction and confidence, success, ‖δ‖∞, ‖δ‖₂"
         + (", DeepFool's ‖r‖₂, iterations and convergence" if stats["method"] == "deepfool" else "") + ".",
-        "",
-        "```python",
-        "import webdataset as wds",
-        f"ds = wds.WebDataset('test-{{000000..{len(stats['shards'].get('test', stats['shards'][next(iter(stats['shards']))])) - 1:06d}}}.tar')"
-        f".decode('{'l8' if spec.shape[0] == 1 else 'rgb8'}').to_tuple('png', 'cls')",
-        "```",
-        "",
-        "## Files",
-        "",
-        "| file | sha256 |",
-        "|---|---|",
     ]
-    lines += [f"| `{n}` | `{d}` |" for n, d in sorted(stats["sha256"].items())]
+    lines += _loading_and_files(spec, stats, "test" if "test" in stats["shards"] else next(iter(stats["shards"])))
     lines.append("")
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_png(data: bytes) -> np.ndarray:
     """(H, W, C) uint8 array from PNG bytes (gray images get C = 1)."""
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im)
+        arr = np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
     return arr[..., None] if arr.ndim == 2 else arr
 
 
