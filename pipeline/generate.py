@@ -114,7 +114,7 @@ class Batch:
 
 
 def _finish(model: nn.Module, b: Batch, x_adv: Tensor, direction: str, audit: bool,
-            extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+            extra: dict[str, Tensor] | None = None, keep_float: bool = False) -> dict[str, Tensor]:
     """Round to uint8, classify what is stored, and measure δ; all per sample, on the device."""
     stored = (x_adv * 255).round_().clamp_(0, 255).to(torch.uint8)
     xs = stored.float().div_(255)
@@ -137,12 +137,13 @@ def _finish(model: nn.Module, b: Batch, x_adv: Tensor, direction: str, audit: bo
         cols["rounding_changed"] = fok != ok
     cols.update(extra or {})
     cols["stored"] = stored
-    cols["float"] = x_adv
+    if keep_float:
+        cols["float"] = x_adv
     return cols
 
 
 def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: AttackParams,
-                 audit: bool) -> dict[Variant, dict[str, Tensor]]:
+                 audit: bool, keep_float: bool = False) -> dict[Variant, dict[str, Tensor]]:
     """Every requested variant of one batch; single-step methods share one gradient."""
     out: dict[Variant, dict[str, Tensor]] = {}
     grad = b.grad
@@ -175,7 +176,7 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
         else:
             x_adv = m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size)
         attacks.check_output(v.method, b.x, x_adv, v.eps)
-        out[v] = _finish(model, b, x_adv.detach(), m.direction, audit, extra)
+        out[v] = _finish(model, b, x_adv.detach(), m.direction, audit, extra, keep_float)
     return out
 
 
@@ -227,12 +228,11 @@ def generate(
             counts["skipped"] += len(variants) - len(todo)
             if todo:
                 results, keys, labels = _attack_shard(model, clean / task.name, task.split, todo, params,
-                                                      device, batch_size, rounding_audit)
+                                                      device, batch_size, rounding_audit, store_float)
                 for v in todo:
                     cols = results[v]
                     stored = cols.pop("stored").transpose(0, 2, 3, 1)
-                    x_float = cols.pop("float")
-                    floats = x_float.astype(np.float32) if store_float else None
+                    floats = cols.pop("float").astype(np.float32) if store_float else None
                     kwargs = dict(keys=keys, labels=labels, images=np.ascontiguousarray(stored), floats=floats,
                                   columns=_manifest_columns(task, keys, labels, cols), fingerprint=prints[v])
                     if pool is None:
@@ -258,7 +258,7 @@ def _manifest_columns(task: ShardTask, keys: list[str], labels: np.ndarray, cols
 
 
 def _attack_shard(model: nn.Module, path: Path, split: str, variants: list[Variant], params: AttackParams,
-                  device: torch.device, batch_size: int, audit: bool):
+                  device: torch.device, batch_size: int, audit: bool, keep_float: bool):
     x_u8, y_all, keys = read_images([path])
     seeds_all = [attacks.sample_seed(params.seed, split, int(k)) for k in keys]
     x_u8, y_all = x_u8.to(device), y_all.to(device)
@@ -275,6 +275,6 @@ def _attack_shard(model: nn.Module, path: Path, split: str, variants: list[Varia
                 clean_logits = model(x)
         label = clean_logits.argmax(1) if params.label_source == "predicted" else y
         b = Batch(x=x, y=y, label=label, clean_logits=clean_logits, seeds=seeds_all[lo:lo + batch_size], grad=grad)
-        for v, cols in attack_batch(model, b, variants, params, audit).items():
+        for v, cols in attack_batch(model, b, variants, params, audit, keep_float).items():
             parts[v].append(cols)
     return {v: _gather(p) for v, p in parts.items()}, keys, y_all.cpu().numpy()
