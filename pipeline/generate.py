@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -219,15 +219,27 @@ def generate(
     mine = tasks[rank::world_size]
     for v in variants:
         (out / v.folder).mkdir(parents=True, exist_ok=True)
-    counts = {"computed": 0, "skipped": 0}
+    # Which variants each of this rank's shards still needs (a resumed run skips the rest).
+    work = [(task, [v for v in variants if not shard_done(out / v.folder / task.name, prints[v])]) for task in mine]
+    counts = {"computed": sum(len(todo) for _, todo in work),
+              "skipped": sum(len(variants) - len(todo) for _, todo in work)}
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    # One thread reads and decodes the next input shard while this one computes
+    # (torch releases the GIL in its kernels).
+    reader = ThreadPoolExecutor(max_workers=1)
+    todo_tasks = [task for task, todo in work if todo]
+    reads = {t.name: reader.submit(read_images, [clean / t.name]) for t in todo_tasks[:1]}
     pending: list[Future] = []
     try:
-        for i, task in enumerate(mine):
-            todo = [v for v in variants if not shard_done(out / v.folder / task.name, prints[v])]
-            counts["skipped"] += len(variants) - len(todo)
+        done_count = 0
+        for task, todo in work:
             if todo:
-                results, keys, labels = _attack_shard(model, clean / task.name, task.split, todo, params,
+                j = todo_tasks.index(task)
+                if j + 1 < len(todo_tasks):
+                    nxt = todo_tasks[j + 1]
+                    reads[nxt.name] = reader.submit(read_images, [clean / nxt.name])
+                images = reads.pop(task.name).result()
+                results, keys, labels = _attack_shard(model, images, task.split, todo, params,
                                                       device, batch_size, rounding_audit, store_float)
                 for v in todo:
                     cols = results[v]
@@ -239,15 +251,16 @@ def generate(
                         write_shard(out / v.folder / task.name, **kwargs)
                     else:
                         pending.append(pool.submit(write_shard, out / v.folder / task.name, **kwargs))
-                counts["computed"] += len(todo)
                 # Bound memory: wait for older writes while the next shard computes.
                 while len(pending) > 2 * max(1, workers) * len(variants):
                     pending.pop(0).result()
+            done_count += 1
             if on_progress:
-                on_progress(i + 1, len(mine), f"{task.split} {task.name}")
+                on_progress(done_count, len(work), f"{task.split} {task.name}")
         for f in pending:
             f.result()
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return counts
@@ -257,10 +270,11 @@ def _manifest_columns(task: ShardTask, keys: list[str], labels: np.ndarray, cols
     return {"index": np.array([int(k) for k in keys], dtype=np.int32), "label": labels.astype(np.int16), **cols}
 
 
-def _attack_shard(model: nn.Module, path: Path, split: str, variants: list[Variant], params: AttackParams,
-                  device: torch.device, batch_size: int, audit: bool, keep_float: bool):
-    x_u8, y_all, keys = read_images([path])
-    seeds_all = [attacks.sample_seed(params.seed, split, int(k)) for k in keys]
+def _attack_shard(model: nn.Module, images: tuple[Tensor, Tensor, list[str]], split: str, variants: list[Variant],
+                  params: AttackParams, device: torch.device, batch_size: int, audit: bool, keep_float: bool):
+    x_u8, y_all, keys = images
+    needs_seeds = any(METHODS[v.method].kind == "random_start" for v in variants)
+    seeds_all = [attacks.sample_seed(params.seed, split, int(k)) for k in keys] if needs_seeds else [0] * len(keys)
     x_u8, y_all = x_u8.to(device), y_all.to(device)
     parts: dict[Variant, list[dict[str, Tensor]]] = {v: [] for v in variants}
     single_step = any(METHODS[v.method].kind == "single" for v in variants)
