@@ -227,36 +227,36 @@ def generate(
     # One thread reads and decodes the next input shard while this one computes
     # (torch releases the GIL in its kernels).
     reader = ThreadPoolExecutor(max_workers=1)
-    todo_tasks = [task for task, todo in work if todo]
-    reads = {t.name: reader.submit(read_images, [clean / t.name]) for t in todo_tasks[:1]}
+    queue = [(task, todo) for task, todo in work if todo]
+    skipped_shards = len(work) - len(queue)
+    reads: dict[int, Future] = {}
+
+    def prefetch(j: int) -> None:
+        if j < len(queue):
+            reads[j] = reader.submit(read_images, [clean / queue[j][0].name])
+
     pending: list[Future] = []
     try:
-        done_count = 0
-        for task, todo in work:
-            if todo:
-                j = todo_tasks.index(task)
-                if j + 1 < len(todo_tasks):
-                    nxt = todo_tasks[j + 1]
-                    reads[nxt.name] = reader.submit(read_images, [clean / nxt.name])
-                images = reads.pop(task.name).result()
-                results, keys, labels = _attack_shard(model, images, task.split, todo, params,
-                                                      device, batch_size, rounding_audit, store_float)
-                for v in todo:
-                    cols = results[v]
-                    stored = cols.pop("stored").transpose(0, 2, 3, 1)
-                    floats = cols.pop("float").astype(np.float32) if store_float else None
-                    kwargs = dict(keys=keys, labels=labels, images=np.ascontiguousarray(stored), floats=floats,
-                                  columns=_manifest_columns(task, keys, labels, cols), fingerprint=prints[v])
-                    if pool is None:
-                        write_shard(out / v.folder / task.name, **kwargs)
-                    else:
-                        pending.append(pool.submit(write_shard, out / v.folder / task.name, **kwargs))
-                # Bound memory: wait for older writes while the next shard computes.
-                while len(pending) > 2 * max(1, workers) * len(variants):
-                    pending.pop(0).result()
-            done_count += 1
+        prefetch(0)
+        for j, (task, todo) in enumerate(queue):
+            prefetch(j + 1)
+            results, keys, labels = _attack_shard(model, reads.pop(j).result(), task.split, todo, params,
+                                                  device, batch_size, rounding_audit, store_float)
+            for v in todo:
+                cols = results[v]
+                stored = cols.pop("stored").transpose(0, 2, 3, 1)
+                floats = cols.pop("float").astype(np.float32) if store_float else None
+                kwargs = dict(keys=keys, labels=labels, images=np.ascontiguousarray(stored), floats=floats,
+                              columns=_manifest_columns(keys, labels, cols), fingerprint=prints[v])
+                if pool is None:
+                    write_shard(out / v.folder / task.name, **kwargs)
+                else:
+                    pending.append(pool.submit(write_shard, out / v.folder / task.name, **kwargs))
+            # Bound memory: wait for older writes while the next shard computes.
+            while len(pending) > 2 * max(1, workers) * len(variants):
+                pending.pop(0).result()
             if on_progress:
-                on_progress(done_count, len(work), f"{task.split} {task.name}")
+                on_progress(skipped_shards + j + 1, len(work), f"{task.split} {task.name}")
         for f in pending:
             f.result()
     finally:
@@ -266,7 +266,7 @@ def generate(
     return counts
 
 
-def _manifest_columns(task: ShardTask, keys: list[str], labels: np.ndarray, cols: dict[str, np.ndarray]) -> dict:
+def _manifest_columns(keys: list[str], labels: np.ndarray, cols: dict[str, np.ndarray]) -> dict:
     return {"index": np.array([int(k) for k in keys], dtype=np.int32), "label": labels.astype(np.int16), **cols}
 
 

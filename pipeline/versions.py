@@ -18,7 +18,8 @@ def _dist(name: str) -> str:
 def versions() -> dict[str, str]:
     """Library versions recorded in every stats file and card.
 
-    PNG bytes depend on pillow and zlib; tars on webdataset; manifests on pyarrow.
+    PNG bytes depend on zlib, manifests on pyarrow, images and gradients on torch;
+    pillow decodes, webdataset is how users read the shards.
     """
     return {
         "advgen": __version__,

@@ -166,3 +166,21 @@ def test_png_is_lossless():
     for shape in [(28, 28, 1), (32, 32, 3)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
         np.testing.assert_array_equal(decode_png(encode_png(img)), img)
+
+
+def test_tar_members_are_plain_deterministic_ustar(tmp_path):
+    import tarfile
+
+    from pipeline.shards import write_tar
+
+    write_tar(tmp_path / "s.tar", [{"__key__": "000001", "png": b"\x89PNG", "cls": b"3"},
+                                   {"__key__": "000002", "cls": b"4", "png": b"\x89PNG!"}])
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["000001.cls", "000001.png", "000002.cls", "000002.png"]
+        assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0o444, 0, 0, "advgen", "advgen")}
+        assert tar.extractfile(members[3]).read() == b"\x89PNG!"
+    assert (tmp_path / "s.tar").stat().st_size % 10240 == 0
+    with pytest.raises(ValueError, match="contains a dot"):
+        write_tar(tmp_path / "bad.tar", [{"__key__": "1.5", "cls": b"1"}])
+    assert not (tmp_path / "bad.tar").exists() and not list(tmp_path.glob(".*tmp*"))
