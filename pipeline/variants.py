@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards import encode_png, file_digest, write_parquet, write_tar
+from pipeline.errors import AdvgenError
+from pipeline.shards import STATS, encode_png, file_digest, write_json, write_parquet, write_tar, write_text
 
 FINGERPRINT_KEY = b"advgen.fingerprint"
 TAR_SHA_KEY = b"advgen.tar_sha256"
@@ -123,9 +124,6 @@ def finalize(folder: Path, *, shards: dict[str, list[str]], fingerprint: str, st
     what generation knows (method, ε, params, victim, ...). ``render_card``
     turns the final stats into the README text.
     """
-    from pipeline.errors import AdvgenError
-    from pipeline.shards import STATS, write_json, write_text
-
     names = [n for s in shards for n in shards[s]]
     missing = [n for n in names if not shard_done(folder / n, fingerprint)]
     if missing:

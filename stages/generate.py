@@ -12,7 +12,6 @@ import datetime
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
