@@ -199,7 +199,7 @@ def variant_card(spec: DatasetSpec, stats: dict) -> str:
         "image), `KEY.cls` (true label)" + (", `KEY.npy` (float32 image before rounding, no pickle)"
                                              if stats["store_float"] else "")
         + ". The `.parquet` manifest beside each shard has per-sample key, index, label, clean and adversarial "
-        "prediction and confidence, success, ‖δ‖∞, ‖δ‖₂"
+        "prediction and confidence (and top-5 classes with more than 5 classes), success, ‖δ‖∞, ‖δ‖₂"
         + (", DeepFool's ‖r‖₂, iterations and convergence" if stats["method"] == "deepfool" else "") + ".",
     ]
     lines += _loading_and_files(spec, stats, "test" if "test" in stats["shards"] else next(iter(stats["shards"])))

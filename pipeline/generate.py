@@ -131,6 +131,9 @@ def _finish(model: nn.Module, b: Batch, x_adv: Tensor, direction: str, audit: bo
         "clean_pred": clean_pred, "clean_conf": clean_conf, "adv_pred": pred, "adv_conf": conf,
         "success": ok, "linf": delta.abs().amax(1), "l2": delta.norm(dim=1),
     }
+    if probs.shape[1] > 5:  # top-5 accuracy is meaningful only with more than 5 classes
+        cols["clean_top5"] = clean_probs.topk(5, dim=1).indices
+        cols["adv_top5"] = probs.topk(5, dim=1).indices
     if audit:
         with torch.no_grad():
             fpred = model(x_adv).argmax(1)
@@ -183,6 +186,7 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
 
 
 _NUMPY_TYPES = {"clean_pred": np.int16, "adv_pred": np.int16, "float_pred": np.int16, "target": np.int16,
+                "clean_top5": np.int16, "adv_top5": np.int16,
                 "clean_conf": np.float32, "adv_conf": np.float32, "linf": np.float32, "l2": np.float32,
                 "r_l2": np.float32, "iterations": np.int16}
 

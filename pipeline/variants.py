@@ -52,6 +52,13 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _column(values: np.ndarray) -> pa.Array:
+    """A manifest column; (N, k) arrays (top-5 classes) become fixed-size lists."""
+    if values.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return pa.array(values)
+
+
 def write_shard(tar_path: Path, *, keys: list[str], labels: np.ndarray, images: np.ndarray,
                 floats: np.ndarray | None, columns: dict[str, np.ndarray], fingerprint: str) -> dict[str, str]:
     """Write one output shard and its manifest (manifest last); returns {file name: sha256}.
@@ -68,7 +75,7 @@ def write_shard(tar_path: Path, *, keys: list[str], labels: np.ndarray, images: 
 
     write_tar(tar_path, samples())
     tar_sha = file_digest(tar_path)
-    table = pa.table({"key": pa.array(keys, pa.string()), **{k: pa.array(v) for k, v in columns.items()}})
+    table = pa.table({"key": pa.array(keys, pa.string()), **{k: _column(v) for k, v in columns.items()}})
     table = table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode(), TAR_SHA_KEY: tar_sha.encode()})
     manifest = tar_path.with_suffix(".parquet")
     write_parquet(manifest, table)

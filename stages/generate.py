@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from pipeline.clean import open_clean
 from pipeline.datasets import get_dataset
 from pipeline.errors import BadParameter
 from pipeline.generate import AttackParams, fingerprint, generate as run_generate, plan
-from pipeline.shards import file_digest
+from pipeline.shards import file_digest, write_json
 from pipeline.train import resolve_device
 from pipeline.variants import finalize
 from pipeline.versions import versions
@@ -57,6 +58,7 @@ def generate(
     store_float: bool = typer.Option(False, help="Also store each float image before rounding as KEY.npy."),
     rounding_audit: bool = typer.Option(True, help="Classify the float image too, to count outcomes changed by rounding."),
     prune: bool = typer.Option(False, help="Delete variant folders under OUT that this run did not ask for."),
+    metrics: Path | None = typer.Option(None, help="Write timing (seconds, images/s, device) to this JSON file."),
 ) -> None:
     """Write a full copy of every requested split per (method, ε), with manifests and cards."""
     methods = _split_commas(method)
@@ -97,6 +99,7 @@ def generate(
 
     log(f"generate: {len(variants)} variant(s) of {stats['dataset']} ({', '.join(split)}) with "
         f"{model.meta.arch} on {dev}" + (f", rank {rank}/{world}" if world > 1 else ""))
+    started = time.perf_counter()
     with bar("generate") as b:
         counts = run_generate(
             model, clean=clean, clean_stats=stats, out=out, variants=variants, splits=list(split), params=params,
@@ -106,6 +109,7 @@ def generate(
         )
     if world > 1:
         torch.distributed.barrier()
+    seconds = time.perf_counter() - started
     if rank == 0:
         clean_sha = file_digest(clean / "_stats.json")
         for v in variants:
@@ -127,6 +131,16 @@ def generate(
             print(f"{out / v.folder}: {summary}")
         if prune:
             _prune(out, {v.folder for v in variants})
+        if metrics is not None:
+            images = sum(stats["counts"][s] for s in split)
+            write_json(metrics, {
+                "stage": "generate", "dataset": stats["dataset"], "victim": model.meta.arch,
+                "methods": methods, "variants": len(variants), "images_per_variant": images,
+                "shards_computed": counts["computed"], "shards_skipped": counts["skipped"],
+                "seconds": round(seconds, 3), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+                "processes": world,
+                "images_per_s": round(images * len(variants) / seconds, 1) if counts["computed"] else None,
+            })
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
