@@ -190,12 +190,14 @@ def curve_rows(results: dict[str, dict], split: str) -> tuple[list[dict], list[d
         if s is None or r["eps"] is None:
             continue
         if r["direction"] == "adversarial":
-            adv[(r["method"], 0.0)] = {"method": r["method"], "eps": 0.0, "accuracy": s["clean_accuracy"]}
-            adv[(r["method"], r["eps"])] = {"method": r["method"], "eps": r["eps"], "accuracy": s["accuracy"]}
+            adv[(r["method"], 0.0)] = {"series": r["method"], "method": r["method"], "eps": 0.0,
+                                          "accuracy": s["clean_accuracy"]}
+            adv[(r["method"], r["eps"])] = {"series": r["method"], "method": r["method"], "eps": r["eps"],
+                                               "accuracy": s["accuracy"]}
         else:
-            coop[(r["method"], 0.0)] = {"method": r["method"], "eps": 0.0, "error": s["clean_error"],
+            coop[(r["method"], 0.0)] = {"series": r["method"], "method": r["method"], "eps": 0.0, "error": s["clean_error"],
                                         "negatives_error": s["negatives_error_before"]}
-            coop[(r["method"], r["eps"])] = {"method": r["method"], "eps": r["eps"], "error": s["error"],
+            coop[(r["method"], r["eps"])] = {"series": r["method"], "method": r["method"], "eps": r["eps"], "error": s["error"],
                                              "negatives_error": s["negatives_error_after"]}
     return [adv[k] for k in sorted(adv)], [coop[k] for k in sorted(coop)]
 

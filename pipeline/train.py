@@ -90,6 +90,8 @@ class TrainStats:
 
 
 Progress = Callable[[int, int, int, dict], None]  # (epoch, step in epoch, steps per epoch, {loss, accuracy})
+Perturb = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]  # (model, x in [0, 1], y, gen) -> x'
+
 
 
 def channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
@@ -137,12 +139,14 @@ def train_victim(
     crop_pad: int,
     flip: bool,
     on_progress: Progress | None = None,
+    perturb: Perturb | None = None,
 ) -> tuple[Victim, TrainStats]:
     """Build ``arch`` and train it on uint8 images ``x`` (N, C, H, W) with labels ``y``.
 
     Normalization constants come from ``x``. Returns the model in eval mode on
     ``device`` and the run's statistics. The global torch RNG state is restored
-    afterwards.
+    afterwards. ``perturb``, if given, replaces every (augmented) training
+    batch by its output: adversarial training against the model being trained.
     """
     recipe.check()
     if x.dtype != torch.uint8 or x.ndim != 4:
@@ -152,13 +156,14 @@ def train_victim(
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         model = build(arch, dataset=dataset, input_shape=x.shape[1:], num_classes=num_classes, mean=mean, std=std)
-        stats = _fit(model, x, y, recipe=recipe, seed=seed, device=device,
-                     crop_pad=crop_pad, flip=flip, on_progress=on_progress)
+        stats = fit(model, x, y, recipe=recipe, seed=seed, device=device,
+                     crop_pad=crop_pad, flip=flip, on_progress=on_progress, perturb=perturb)
     return model, stats
 
 
-def _fit(model: Victim, x: Tensor, y: Tensor, *, recipe: Recipe, seed: int, device: torch.device,
-         crop_pad: int, flip: bool, on_progress: Progress | None) -> TrainStats:
+def fit(model: Victim, x: Tensor, y: Tensor, *, recipe: Recipe, seed: int, device: torch.device,
+        crop_pad: int, flip: bool, on_progress: Progress | None = None, perturb: Perturb | None = None) -> TrainStats:
+    """Train ``model`` in place on uint8 images ``x`` with ``recipe`` (see ``train_victim``); eval mode after."""
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -187,6 +192,8 @@ def _fit(model: Victim, x: Tensor, y: Tensor, *, recipe: Recipe, seed: int, devi
                 xb = random_flip(xb, gen)
             xb = xb.float().div_(255).contiguous(memory_format=torch.channels_last)
             yb = y[idx]
+            if perturb is not None:
+                xb = perturb(model, xb, yb, gen).contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
                 group["lr"] = recipe.lr * _lr_factor(step, total, recipe.warmup)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ def evaluate(
     curve_split: str = typer.Option("test", help="Split the ε curves are drawn for."),
 ) -> None:
     """Accuracy, top-5, success, confidence buckets, perceptibility and DeepFool's ρ for every variant."""
+    started = time.perf_counter()
     bounds = check_thresholds(thresholds)
     clean_stats = open_clean(clean)
     folders = find_variants(adv)
@@ -48,9 +50,10 @@ def evaluate(
     victim = vstats[0]["victim"]
     write_parquet(samples, pa.concat_tables(tables))
     adv_rows, coop_rows = curve_rows(results, curve_split)
-    write_csv(plots / "accuracy_vs_eps.csv", adv_rows, ["method", "eps", "accuracy"])
-    write_csv(plots / "cooperative_error_vs_eps.csv", coop_rows, ["method", "eps", "error", "negatives_error"])
-    write_json(metrics, {"dataset": clean_stats["dataset"], "victim": victim, "variants": results})
+    write_csv(plots / "accuracy_vs_eps.csv", adv_rows, ["series", "method", "eps", "accuracy"])
+    write_csv(plots / "cooperative_error_vs_eps.csv", coop_rows, ["series", "method", "eps", "error", "negatives_error"])
+    write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "victim": victim, "adv": adv.as_posix(),
+                         "clean": clean.as_posix(), "variants": results})
     for name, r in results.items():
         s = r["splits"].get(curve_split) or next(iter(r["splits"].values()))
         print(f"{name}: accuracy {s['accuracy']:.4f} (clean {s['clean_accuracy']:.4f})")

@@ -1,0 +1,126 @@
+"""Adversarial retraining: a victim trained again on adversarial data, and how much it helped.
+
+Modes (``MODES``):
+- ``finetune``: continue from the trained victim on the adversarial training copy
+  (mixed with clean images), at half its learning rate;
+- ``scratch``: a fresh model of the same architecture on the same mix;
+- ``online_fgsm`` / ``online_pgd``: adversarial training in Madry's sense, from
+  scratch: every batch is attacked against the model being trained — FGSM from a
+  random start with step 1.25·ε (Wong et al., "Fast is better than free", 2020),
+  or L∞ PGD. The attack runs with the model in training mode, as both papers do.
+
+``assess`` measures a model on clean test images, on stored (transferred)
+adversarial test images, and under a fresh white-box attack against itself,
+rounded to uint8 like a stored copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from pipeline import attacks
+from pipeline.errors import BadParameter, unknown
+from pipeline.train import Progress, Recipe, TrainStats, accuracy, fit, train_victim
+from pipeline.victims import Victim
+
+MODES = ("finetune", "scratch", "online_fgsm", "online_pgd")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise unknown("retrain mode", mode, MODES)
+
+
+def mix(clean_x: Tensor, clean_y: Tensor, adv_x: Tensor, adv_y: Tensor, *, clean_ratio: float,
+        seed: int) -> tuple[Tensor, Tensor]:
+    """Every adversarial image plus ``clean_ratio`` × as many clean ones (a seeded random subset, capped at all).
+
+    ``clean_ratio`` 0 trains on adversarial images only; 1 on equal parts.
+    """
+    if not clean_ratio >= 0:
+        raise BadParameter(f"--clean-ratio must be >= 0, got {clean_ratio}")
+    if adv_x.shape[1:] != clean_x.shape[1:]:
+        raise BadParameter(f"adversarial images {tuple(adv_x.shape[1:])} do not match clean {tuple(clean_x.shape[1:])}")
+    n = min(len(clean_x), round(clean_ratio * len(adv_x)))
+    pick = torch.randperm(len(clean_x), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.cat([adv_x, clean_x[pick]]), torch.cat([adv_y, clean_y[pick]])
+
+
+def online_attack(kind: str, *, eps: float, steps: int, step_size: float | None) -> callable:
+    """The per-batch attack of online adversarial training (see the module docstring)."""
+    if not 0 < eps <= 1:
+        raise BadParameter(f"online adversarial training needs 0 < eps <= 1, got {eps}")
+    if kind == "online_fgsm":
+        alpha = step_size if step_size else 1.25 * eps
+
+        def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+            start = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
+            x0 = (x + start).clamp(0, 1)
+            grad, _ = attacks.loss_gradient(model, x0, y)
+            return (x + (x0 + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1).detach()
+
+        return fgsm_rs
+    if kind == "online_pgd":
+        if steps < 1:
+            raise BadParameter(f"--steps must be >= 1, got {steps}")
+        size = step_size if step_size else attacks.default_step_size(eps, steps)
+
+        def pgd(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+            start = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
+            return attacks.pgd(model, x, y, eps=eps, steps=steps, step_size=size, start=start).detach()
+
+        return pgd
+    raise unknown("online attack", kind, ("online_fgsm", "online_pgd"))
+
+
+def retrain(mode: str, victim: Victim, *, x: Tensor, y: Tensor, recipe: Recipe, seed: int, device: torch.device,
+            crop_pad: int, flip: bool, eps: float = 0.0, steps: int = 10, step_size: float | None = None,
+            on_progress: Progress | None = None) -> tuple[Victim, TrainStats]:
+    """One retraining run; returns a new model (``victim`` is left untouched) and its statistics.
+
+    ``x``, ``y``: uint8 training images and labels — the adversarial mix for
+    ``finetune`` and ``scratch``, the clean training set for the online modes.
+    ``recipe``: the schedule (finetune halves its learning rate itself).
+    """
+    check_mode(mode)
+    if mode == "finetune":
+        model = copy.deepcopy(victim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            stats = fit(model, x, y, recipe=replace(recipe, lr=recipe.lr / 2), seed=seed, device=device,
+                        crop_pad=crop_pad, flip=flip, on_progress=on_progress)
+        return model, stats
+    perturb = None if mode == "scratch" else online_attack(mode, eps=eps, steps=steps, step_size=step_size)
+    meta = victim.meta
+    return train_victim(meta.arch, dataset=meta.dataset, num_classes=meta.num_classes, x=x, y=y, recipe=recipe,
+                        seed=seed, device=device, crop_pad=crop_pad, flip=flip, on_progress=on_progress,
+                        perturb=perturb)
+
+
+def white_box(model: nn.Module, x: Tensor, y: Tensor, *, method: str, eps: float | None, steps: int,
+              device: torch.device, seed: int = 0, batch_size: int = 500) -> Tensor:
+    """A fresh attack of ``method`` against ``model`` on uint8 images; returns uint8 images, rounded to nearest."""
+    out = []
+    for lo in range(0, len(x), batch_size):
+        xb = x[lo:lo + batch_size].to(device).float().div_(255)
+        yb = y[lo:lo + batch_size].to(device)
+        seeds = [attacks.sample_seed(seed, "white_box", lo + i) for i in range(len(xb))]
+        adv = attacks.run(method, model, xb, yb, eps=eps, steps=steps, seeds=seeds)
+        out.append((adv * 255).round_().clamp_(0, 255).to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def assess(model: nn.Module, *, clean_x: Tensor, clean_y: Tensor, adv_x: Tensor, adv_y: Tensor, method: str,
+           eps: float | None, steps: int, device: torch.device, seed: int = 0) -> dict:
+    """Clean, transferred-adversarial and fresh white-box accuracy of ``model`` (all on test images)."""
+    model = model.to(device).eval()
+    own = white_box(model, clean_x, clean_y, method=method, eps=eps, steps=steps, device=device, seed=seed)
+    return {
+        "clean_accuracy": accuracy(model, clean_x, clean_y, device=device),
+        "stored_adversarial_accuracy": accuracy(model, adv_x, adv_y, device=device),
+        "white_box_accuracy": accuracy(model, own, clean_y, device=device),
+    }
