@@ -27,8 +27,18 @@ from pipeline.cards import clean_card
 from pipeline.datasets import SPLITS, DatasetSpec, Source
 from pipeline.errors import BadParameter, CorruptFile
 from pipeline.shards import (
-    STATS, encode_png, key_of, read_images, read_stats, file_digest, shard_name,
-    verify_shards, write_json, write_parquet, write_tar, write_text,
+    STATS,
+    encode_png,
+    file_digest,
+    key_of,
+    read_images,
+    read_stats,
+    shard_name,
+    verify_shards,
+    write_json,
+    write_parquet,
+    write_tar,
+    write_text,
 )
 from pipeline.versions import versions
 

@@ -384,5 +384,5 @@ def download(spec: DatasetSpec, raw: Path) -> None:
                 cls(root=str(raw), split=split, download=True)
         else:
             cls(root=str(raw), train=True, download=True)
-    except Exception as e:  # noqa: BLE001 - network errors come in many types
+    except Exception as e:
         raise DatasetNotFound(f"could not download {spec.title} into {raw}: {e}") from None

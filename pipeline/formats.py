@@ -81,7 +81,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
+    def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
@@ -90,7 +90,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 def _unpickle_batch(blob: bytes, where: str) -> dict[str, object]:
     try:
         obj = _ArrayOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+    except Exception as e:
         raise CorruptFile(where, f"not a CIFAR python batch ({e})") from None
     if not isinstance(obj, dict):
         raise CorruptFile(where, f"expected a dict, found {type(obj).__name__}")
@@ -156,7 +156,7 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         mat = scipy.io.loadmat(path, variable_names=["X", "y"])
-    except Exception as e:  # noqa: BLE001 - scipy raises many types for bad files
+    except Exception as e:
         raise CorruptFile(path, f"not a readable MATLAB file ({e})") from None
     if "X" not in mat or "y" not in mat:
         raise CorruptFile(path, "lacks the variables 'X' and 'y'")

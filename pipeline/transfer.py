@@ -47,7 +47,7 @@ def transfer_row(*, stats: dict, folder, split: str, y: np.ndarray, target_pred:
     acc, clean_acc = float(ok.mean()), float(clean_ok.mean())
     row = {
         "method": stats["method"], "eps": stats["eps"], "direction": stats["direction"],
-        "source": stats["victim"]["arch"], "split": split, "count": int(len(y)),
+        "source": stats["victim"]["arch"], "split": split, "count": len(y),
         "accuracy": acc, "target_clean_accuracy": clean_acc, "drop": clean_acc - acc,
         "source_accuracy": float((~src_fooled).mean()), "source_clean_accuracy": float(src_ok_clean.mean()),
     }

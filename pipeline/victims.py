@@ -175,7 +175,7 @@ def load(path: Path | str, *, dataset: str | None = None, map_location: str | to
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.attacks import check_params, uses_eps
 from pipeline.clean import load_clean_split, open_clean
 from pipeline.defend import Setting, adaptive_attack, scaled_perturbations, sweep
 from pipeline.errors import BadParameter
@@ -48,6 +49,9 @@ def defend(
     settings += [Setting("resample", float(max(1, round(f * side)))) for f in resample_factor]
     for s in settings:
         s.build()  # bad σ or size: an error before any compute
+    eps_or_none = adaptive_eps if uses_eps(adaptive_method) else None
+    check_params(adaptive_method, eps=eps_or_none, steps=steps, step_size=None, label_source="true",
+                 target="least_likely", candidates=10, overshoot=0.02, max_iter=50)
     models = {"original": model}
     if retrained is not None:
         ckpts = sorted(Path(retrained).glob("*.pt"))
@@ -69,7 +73,7 @@ def defend(
     rows = sweep(models, settings, data, device=dev)
     log("defend: adaptive attack on defense + victim")
     rows += adaptive_attack(models, [s for s in settings if not (s.defense == "gaussian" and s.value == 0)], xt, yt,
-                            method=adaptive_method, eps=adaptive_eps, steps=steps, device=dev, seed=seed)
+                            method=adaptive_method, eps=eps_or_none, steps=steps, device=dev, seed=seed)
     log(f"defend: stored perturbations of {names[0]} scaled by {', '.join(f'{f:g}' for f in scale)}")
     rows += scaled_perturbations(models, settings, xt, data[names[0]][0], yt, name=names[0], factors=scale, device=dev)
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import typer
 
 from pipeline.clean import open_clean
-from pipeline.evaluate import check_thresholds, curve_rows, evaluate_variant, find_variants, load_clean, open_variant
 from pipeline.errors import BadParameter
+from pipeline.evaluate import check_thresholds, curve_rows, evaluate_variant, find_variants, load_clean, open_variant
 from pipeline.shards import file_digest, write_csv, write_json, write_parquet
 from stages.app import log, stage
 from stages.progress import bar

@@ -22,7 +22,8 @@ from pipeline.cards import variant_card
 from pipeline.clean import open_clean
 from pipeline.datasets import get_dataset
 from pipeline.errors import BadParameter
-from pipeline.generate import AttackParams, fingerprint, generate as run_generate, plan
+from pipeline.generate import AttackParams, fingerprint, plan
+from pipeline.generate import generate as run_generate
 from pipeline.shards import file_digest, write_json
 from pipeline.train import resolve_device
 from pipeline.variants import finalize

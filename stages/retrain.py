@@ -12,7 +12,8 @@ from pipeline.clean import load_clean_split, open_clean
 from pipeline.datasets import get_dataset
 from pipeline.errors import BadParameter
 from pipeline.evaluate import open_variant
-from pipeline.retrain import MODES, assess, check_mode, mix, retrain as run_retrain
+from pipeline.retrain import MODES, assess, check_mode, mix, online_attack
+from pipeline.retrain import retrain as run_retrain
 from pipeline.shards import read_images, write_json
 from pipeline.train import Recipe, resolve_device
 from pipeline.versions import versions
@@ -46,6 +47,8 @@ def retrain(
     """Retrain VICTIM on adversarial training shards; evaluate clean, transferred and fresh white-box."""
     for m in mode:
         check_mode(m)
+        if m.startswith("online_"):
+            online_attack(m, eps=online_eps, steps=online_steps, step_size=None)  # bad values: error before compute
     if finetune_epochs < 1 or epochs < 0:
         raise BadParameter("--finetune-epochs must be >= 1 and --epochs >= 0")
     dev = resolve_device(device)
@@ -89,14 +92,15 @@ def retrain(
                                      on_progress=progress)
         train_seconds = time.perf_counter() - started
         res = measure(model)
-        model.meta.train = {**asdict(r), "seed": seed, "device": dev.type, "mode": m, "retrained_from": victim.meta.train,
+        lr = r.lr / 2 if m == "finetune" else r.lr  # finetune runs at half the victim's rate
+        model.meta.train = {**asdict(r), "lr": lr, "seed": seed, "device": dev.type, "mode": m, "retrained_from": victim.meta.train,
                             "adversarial": {"method": method, "eps": eps, "source": vstats["victim"]},
                             "clean_ratio": clean_ratio, "online_eps": online_eps, "online_steps": online_steps}
         model.meta.test_accuracy = res["clean_accuracy"]
         model.meta.git_commit = git_commit()
         model.meta.versions = versions()
         save(model.cpu(), out / f"{m}.pt")
-        results[m] = {**res, "epochs": r.epochs, "lr": r.lr / 2 if m == "finetune" else r.lr,
+        results[m] = {**res, "epochs": r.epochs, "lr": lr,
                       "train_seconds": round(train_seconds, 3), "images_per_second": round(run.images_per_second, 1)}
         log(f"{m}: clean {res['clean_accuracy']:.4f}, stored adversarial {res['stored_adversarial_accuracy']:.4f}, "
             f"white-box {res['white_box_accuracy']:.4f} ({train_seconds:.1f}s)")

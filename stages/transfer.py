@@ -58,7 +58,8 @@ def transfer(
                 pred, _ = classify(model, x, device=dev)
                 row = transfer_row(stats=st, folder=folder, split=split, y=y, target_pred=pred,
                                    target_clean_pred=clean_preds[tgt][0], target_clean_conf=clean_preds[tgt][1])
-                rows.append({"source": src, "target": tgt, **{k: v for k, v in row.items() if k != "source"}})
+                rows.append({"series": f"{row['method']} {src} → {tgt}", "source": src, "target": tgt,
+                             **{k: v for k, v in row.items() if k != "source"}})
             b.update(i + 1, len(variants), folder.relative_to(roots[src]).as_posix(), line=True)
     matrix: dict = {}
     for r in rows:

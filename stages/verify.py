@@ -13,7 +13,7 @@ from stages.app import log, stage
 
 @stage
 def verify(
-    folder: Path = typer.Argument(..., help="A clean or variant folder, or a root holding many."),  # noqa: B008
+    folder: Path = typer.Argument(..., help="A clean or variant folder, or a root holding many."),
     deep: bool = typer.Option(True, help="Also read every sample (decode, shape, label, counts, manifests); "
                               "--no-deep checks stats, card and checksums only."),
 ) -> None:

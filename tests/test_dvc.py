@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, copy_project
 
 TINY = """\
@@ -27,10 +26,9 @@ prepare:
   verify: structure
 train:
   mnist-mlp: {dataset: mnist, victim: mlp, epochs: EPOCHS, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0}
-generate:
-  mnist-mlp-fast:
-    dataset: mnist
-    victim: mlp
+  mnist-simple_cnn: {dataset: mnist, victim: simple_cnn, epochs: 1, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0}
+families:
+  fast: &fast
     family: fast
     grid: {method: [fgsm, d_fgsm], eps: [0.05, 0.1], split: [test]}
     steps: 10
@@ -42,6 +40,46 @@ generate:
     max_iter: 50
     batch_size: 64
     workers: 0
+    flags: {rounding-audit: true, store-float: false}
+generate:
+  mnist-mlp-fast: {dataset: mnist, victim: mlp, <<: *fast}
+  mnist-simple_cnn-fast:
+    <<: *fast
+    dataset: mnist
+    victim: simple_cnn
+    grid: {method: [fgsm], eps: [0.1], split: [train, test]}
+evaluate:
+  mnist-mlp: {dataset: mnist, victim: mlp, thresholds: {thresholds: []}, curve_split: test}
+  mnist-simple_cnn: {dataset: mnist, victim: simple_cnn, thresholds: {thresholds: [0.5, 0.9]}, curve_split: test}
+transfer:
+  mnist: {dataset: mnist, victims: {victim: [mlp, simple_cnn]}, split: test}
+retrain:
+  mnist-mlp:
+    dataset: mnist
+    target: mlp
+    source: simple_cnn
+    variant: fast/fgsm/eps=0.1
+    modes: {mode: [finetune, online_fgsm]}
+    finetune_epochs: 1
+    epochs: 1
+    clean_ratio: 1.0
+    online_eps: 0.1
+    online_steps: 2
+    steps: 3
+defend:
+  mnist-mlp:
+    dataset: mnist
+    victim: mlp
+    grid:
+      adv: [data/mnist/adv/mlp/fast/fgsm/eps=0.1]
+      sigma: [0, 1]
+      resample-factor: [0.5]
+      scale: [1, 2]
+    adaptive_method: fgsm
+    adaptive_eps: 0.1
+    steps: 3
+report:
+  samples: 3
 """
 
 
@@ -63,13 +101,39 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     env = {**cli_env, "ADVGEN_MIRROR": str(mnist_mirror), "PYTHONPATH": str(repo)}
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # parsing.list = append, no analytics
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # parsing.list/bool, no analytics
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the `series` plot template
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
 
     out = _run(["dvc", "repro"], profile, env)
-    assert "prepare@mnist" in out and "train@mnist-mlp" in out and "generate@mnist-mlp-fast" in out
+    for stage in ("prepare@mnist", "train@mnist-mlp", "generate@mnist-mlp-fast", "evaluate@mnist-mlp",
+                  "transfer@mnist", "retrain@mnist-mlp", "defend@mnist-mlp", "report"):
+        assert f"Running stage '{stage}'" in out, stage
     assert "--method fgsm --method d_fgsm --eps 0.05 --eps 0.1 --split test" in out
+    assert "--rounding-audit --no-store-float" in out  # booleans from params, both spellings
+    assert "--thresholds 0.5 --thresholds 0.9" in out
+    evaluation = json.loads((profile / "metrics/mnist/mlp/evaluate.json").read_text())
+    assert set(evaluation["variants"]) == {f"fast/{m}/eps={e}" for m in ("fgsm", "d_fgsm") for e in ("0.05", "0.1")}
+    transfer = json.loads((profile / "metrics/mnist/transfer.json").read_text())
+    assert {(r["source"], r["target"]) for r in transfer["rows"]} == {("mlp", "simple_cnn"), ("simple_cnn", "mlp")}
+    retrain = json.loads((profile / "metrics/mnist/mlp/retrain.json").read_text())
+    assert set(retrain["models"]) == {"original", "finetune", "online_fgsm"}
+    assert (profile / "data/mnist/retrained/mlp/finetune.pt").is_file()
+    defend = json.loads((profile / "metrics/mnist/mlp/defend.json").read_text())
+    assert {r["model"] for r in defend["rows"]} == {"original", "finetune", "online_fgsm"}
+    report = (profile / "reports/README.md").read_text()
+    figures = sorted((profile / "reports/figures").glob("*.png"))
+    assert len(figures) >= 8 and all(f.stat().st_size > 5000 for f in figures)
+    for f in figures:
+        assert f"figures/{f.name}" in report  # every figure is shown in the report
+    assert "## Timing" in report and "### Transfer" in report and "### Adversarial retraining: mlp" in report
+    shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=profile, env=env, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert shown.returncode == 0, shown.stderr
+    rendered = json.dumps(json.loads(shown.stdout))  # every declared plot rendered, with the series template
+    for table in ("accuracy_vs_eps.csv", "cooperative_error_vs_eps.csv", "transfer.csv", "gaussian.csv", "resample.csv"):
+        assert table in rendered, table
     variant = profile / "data/mnist/adv/mlp/fast/fgsm/eps=0.1"
     assert json.loads((variant / "_stats.json").read_text())["counts"] == {"test": 200}
     stats = json.loads((profile / "data/mnist/clean/_stats.json").read_text())

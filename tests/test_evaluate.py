@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import WRITERS, small_spec
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
-from conftest import WRITERS, small_spec
 from pipeline.clean import write_clean
 from pipeline.datasets import load_source, locate
 from pipeline.evaluate import curve_rows
@@ -100,7 +100,7 @@ def data(tmp_path_factory) -> Path:
     eps_args = [a for e in EPS for a in ("--eps", e)]
     generated = runner.invoke(app, ["generate", "--victim-ckpt", str(root / "victim.pt"), "--clean", str(root / "clean"),
                                     "--out", str(root / "adv"), "--method", "fgsm,d_fgsm,deepfool", *eps_args,
-                                    "--max-iter", "10", "--device", "cpu", "--workers", "0"])
+                                    "--candidates", "4", "--max-iter", "10", "--device", "cpu", "--workers", "0"])
     assert generated.exit_code == 0, generated.output
     return root
 
@@ -133,7 +133,7 @@ def evaluated(data, thresholds, tmp_path_factory) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hand(data: Path, variant: str, split: str, thresholds: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Every figure evaluate reports for one split of one variant, from the stored files."""
     keys0, x0, y0 = read_split(data / "clean", split)
@@ -157,6 +157,7 @@ def _hand(data: Path, variant: str, split: str, thresholds: tuple[float, float] 
                     for i, name in enumerate(("low", "medium", "high"))},
         "mean_psnr": float(np.mean(10 * np.log10(1 / mse[mse > 0]))), "unchanged": int((mse == 0).sum()),
         "mean_linf": float(np.abs(b - a).reshape(len(y), -1).max(axis=1).mean()),
+        "mse": mse,
         "ssim": np.array([ssim_by_hand(a[i], b[i]) for i in range(len(y))]),
         "x_l2": np.sqrt((a**2).reshape(len(y), -1).sum(axis=1)),
         "man": man,
@@ -172,6 +173,7 @@ def test_the_fixture_victim_makes_clean_mistakes(data, thresholds):
     h = _hand(data, "d_fgsm/eps=0.1", "test", thresholds)
     assert 0.5 < h["clean_accuracy"] < 1
     assert [h["buckets"][b]["count"] for b in ("low", "medium", "high")] == [8, 8, 8]
+    assert _hand(data, "deepfool", "test")["unchanged"] > 0  # DeepFool leaves misclassified images alone
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -272,6 +274,14 @@ def test_per_sample_table(data, thresholds, evaluated):
     assert all(table["variant"][i] == "fgsm@0.1" for i in rows)
     assert [table["bucket"][i] for i in rows] == h["bucket"].tolist()
     np.testing.assert_allclose([table["ssim"][i] for i in rows], h["ssim"], atol=1e-5)
+    mse = np.array([10 ** (-p / 10) for p in (table["psnr"][i] for i in rows)])
+    np.testing.assert_allclose(mse, h["mse"], rtol=1e-4)
+
+    rows = [i for i, (f, s) in enumerate(zip(table["folder"], table["split"])) if f == "deepfool" and s == "test"]
+    h = _hand(data, "deepfool", "test", thresholds)
+    same = h["mse"] == 0
+    assert [table["psnr"][i] == np.inf for i in rows] == same.tolist()  # identical images: infinite PSNR
+    assert all(table["ssim"][i] == pytest.approx(1, abs=1e-6) for i, s in zip(rows, same) if s)
 
 
 # --- curve_rows on its own ------------------------------------------------------------------------
@@ -357,6 +367,15 @@ def test_folder_without_variants(data, tmp_path):
 def test_bad_thresholds(data, tmp_path, values):
     args = [a for v in values for a in ("--thresholds", v)]
     _refused(_evaluate(data, tmp_path, *args), "confidence thresholds must be two numbers", tmp_path)
+
+
+def test_damaged_shard(data, tmp_path):
+    adv = _one_variant(data, tmp_path / "adv")
+    tar = adv / "fgsm" / "eps=0.1" / "test-000001.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[700] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    _refused(_evaluate(data, tmp_path, adv=adv), "test-000001.tar: sha256", tmp_path)
 
 
 def test_missing_clean_folder(data, tmp_path):

@@ -56,7 +56,8 @@ def test_push_clone_pull_gives_identical_verified_data(tmp_path, mnist_mirror, c
     # Receive: a fresh clone has code, lock and config but no data until it pulls.
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
-    assert [p.name for p in (clone / "tiny" / "data").rglob("*") if p.is_file()] == [".gitignore"] * 3
+    before = [p.name for p in (clone / "tiny" / "data").rglob("*") if p.is_file()]
+    assert before and set(before) == {".gitignore"}  # git carries only DVC's ignore files, no data
     env = {**env, "PYTHONPATH": str(clone)}
     # Targeted at the profile's pipeline: a bare `dvc pull` also walks the root dvc.yaml (the full study),
     # whose outputs were never produced, and exits 1 for them even after restoring the profile's data.
