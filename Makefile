@@ -33,7 +33,8 @@ fashion-mnist:
 # The demo is the real dvc.yaml (demo/dvc.yaml links to it) on demo/params.yaml.
 demo: install fashion-mnist
 	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
-	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show -R metrics
+	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show -R metrics/fashion_mnist/*/train.json
+	@echo "report: demo/reports/README.md (figures in demo/reports/figures/); plots: cd demo && dvc plots show"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

@@ -33,7 +33,11 @@ def fmt(v: object, digits: int = 4) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return "∞" if math.isinf(v) else f"{v:.{digits}f}"
+        if math.isinf(v):
+            return "∞"
+        if abs(v) >= 100:  # seconds, images/s: whole numbers read better
+            return f"{v:.0f}"
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.{digits}f}"
     return str(v)
 
 
@@ -132,7 +136,7 @@ def figure_transfer(transfer: dict, whitebox: dict[str, dict[str, float]], path:
     victims = sorted(transfer["clean_accuracy"])
     ncol = min(4, max(1, len(keys)))
     nrow = max(1, math.ceil(len(keys) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.9 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol + 1, 3.2 * nrow), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, key in zip(axes.flat, keys):

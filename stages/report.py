@@ -92,7 +92,8 @@ def report(
         for v in victims:
             for g in sorted((root / v).glob("generate-*.json")):
                 t = _load(g)
-                timing.append([ds, f"generate {v} {g.stem.removeprefix('generate-')} ({t['variants']} variants)",
+                timing.append([ds, f"generate {v} {g.stem.removeprefix('generate-')} ({t['variants']} "
+                               f"variant{'s' if t['variants'] != 1 else ''})",
                                t["device"], t["seconds"], t.get("images_per_s")])
         whitebox: dict[str, dict[str, float]] = {}
         for v in victims:
