@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pipeline import attacks
 from pipeline.errors import BadParameter, unknown
-from pipeline.train import Progress, Recipe, TrainStats, accuracy, fit, train_victim
+from pipeline.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, train_victim
 from pipeline.victims import Victim
 
 MODES = ("finetune", "scratch", "online_fgsm", "online_pgd")
@@ -50,7 +50,7 @@ def mix(clean_x: Tensor, clean_y: Tensor, adv_x: Tensor, adv_y: Tensor, *, clean
     return torch.cat([adv_x, clean_x[pick]]), torch.cat([adv_y, clean_y[pick]])
 
 
-def online_attack(kind: str, *, eps: float, steps: int, step_size: float | None) -> callable:
+def online_attack(kind: str, *, eps: float, steps: int, step_size: float | None) -> Perturb:
     """The per-batch attack of online adversarial training (see the module docstring)."""
     if not 0 < eps <= 1:
         raise BadParameter(f"online adversarial training needs 0 < eps <= 1, got {eps}")

@@ -39,9 +39,8 @@ def defend(
     started = time.perf_counter()
     dev = resolve_device(device)
     clean_stats = open_clean(clean)
-    h = clean_stats["shape"][1] if "shape" in clean_stats else None
     model = load(victim_ckpt, dataset=clean_stats["dataset"])
-    side = model.meta.input_shape[1] if h is None else h
+    side = model.meta.input_shape[1]  # images are square in every registered dataset
     for f in resample_factor:
         if not 0 < f <= 1:
             raise BadParameter(f"--resample-factor must lie in (0, 1], got {f}")

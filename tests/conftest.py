@@ -156,3 +156,38 @@ def copy_project(dest: Path) -> None:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):  # DVC parses every dvc.yaml in a repo, so the root needs its params
         shutil.copy(ROOT / name, dest / name)
+
+
+def tiny_clean(root: Path, *, train: int = 48, test: int = 24, shard_size: int = 8) -> Path:
+    """root/raw (synthetic MNIST files) and root/clean (advgen shards of ``shard_size``); returns root/clean."""
+    from pipeline.clean import write_clean
+    from pipeline.datasets import load_source, locate
+
+    spec = small_spec("mnist", train=train, test=test)
+    WRITERS["mnist"](root / "raw", spec)
+    write_clean(load_source(spec, locate(spec, [root / "raw"]), allow_unverified=True), root / "clean",
+                shard_size=shard_size)
+    return root / "clean"
+
+
+def read_split_by_hand(folder: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, images (N, H, W, C) uint8, labels) of every ``split-*.tar`` in ``folder``, via tarfile + Pillow.
+
+    An independent reader: tests compare advgen's results against it, never against advgen's own readers.
+    """
+    from PIL import Image
+
+    keys, images, labels = [], {}, {}
+    for tar_path in sorted(folder.glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for info in tar.getmembers():
+                key, ext = info.name.split(".", 1)
+                data = tar.extractfile(info).read()
+                if key not in images and key not in labels:
+                    keys.append(key)
+                if ext == "png":
+                    arr = np.array(Image.open(io.BytesIO(data)))
+                    images[key] = arr[..., None] if arr.ndim == 2 else arr
+                elif ext == "cls":
+                    labels[key] = int(data.decode())
+    return keys, np.stack([images[k] for k in keys]), np.array([labels[k] for k in keys])

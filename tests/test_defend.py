@@ -7,9 +7,7 @@ Images are decoded here with ``tarfile`` and Pillow, blurs recomputed with
 from __future__ import annotations
 
 import csv
-import io
 import json
-import tarfile
 from itertools import product
 from pathlib import Path
 
@@ -17,14 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import WRITERS, small_spec
-from PIL import Image
+from conftest import read_split_by_hand, tiny_clean
 from scipy.ndimage import gaussian_filter
 from torch import nn
 from typer.testing import CliRunner
 
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
 from pipeline.defend import defended_accuracy, scale_perturbation
 from pipeline.defenses import GaussianBlur, Resample
 from pipeline.victims import build, load
@@ -104,16 +99,8 @@ def test_defended_accuracy_behind_a_blur_is_accuracy_on_scipy_blurred_images():
 
 def _read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images N×C×H×W, labels) of ``split-*.tar`` in ``folder``, via tarfile and Pillow."""
-    images, labels = [], []
-    for path in sorted(folder.glob(f"{split}-*.tar")):
-        with tarfile.open(path) as tar:
-            for info in tar.getmembers():
-                data = tar.extractfile(info).read()
-                if info.name.endswith(".png"):
-                    images.append(np.array(Image.open(io.BytesIO(data)))[None])
-                elif info.name.endswith(".cls"):
-                    labels.append(int(data))
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    _, images, labels = read_split_by_hand(folder, split)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -126,9 +113,7 @@ def folders(tmp_path_factory) -> Path:
     """root/clean (mnist 48 + 24), root/victim.pt, root/retrained/finetune.pt (another seed),
     root/adv/fgsm/eps=0.1 (test split) and root/adv_train/fgsm/eps=0.1 (train split only)."""
     root = tmp_path_factory.mktemp("defend")
-    spec = small_spec("mnist", train=48, test=24)
-    WRITERS["mnist"](root / "raw", spec)
-    write_clean(load_source(spec, locate(spec, [root / "raw"]), allow_unverified=True), root / "clean", shard_size=8)
+    tiny_clean(root)
     for seed, out in ((0, root / "victim.pt"), (1, root / "retrained" / "finetune.pt")):
         result = runner.invoke(app, ["train", "--dataset", "mnist", "--victim", "mlp", "--clean", str(root / "clean"),
                                      "--out", str(out), "--metrics", str(root / f"train{seed}.json"), "--epochs", "1",

@@ -89,22 +89,31 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
+def make_tiny_repo(tmp_path: Path, mirror: Path, cli_env: dict, *, epochs: int) -> tuple[Path, Path, dict]:
+    """A git + DVC repository holding this checkout's code and a ``tiny`` profile laid out like demo/.
+
+    Returns (repo, profile folder, environment for subprocesses).
+    """
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_project(repo)
     profile = repo / "tiny"
     profile.mkdir()
     os.symlink("../dvc.yaml", profile / "dvc.yaml")
-    (profile / "params.yaml").write_text(TINY.replace("EPOCHS", "2"))
-    env = {**cli_env, "ADVGEN_MIRROR": str(mnist_mirror), "PYTHONPATH": str(repo)}
+    (profile / "params.yaml").write_text(TINY.replace("EPOCHS", str(epochs)))
+    env = {**cli_env, "ADVGEN_MIRROR": str(mirror), "PYTHONPATH": str(repo)}
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # parsing.list/bool, no analytics
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the `series` plot template
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
+    return repo, profile, env
+
+
+@pytest.mark.slow
+def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
+    _, profile, env = make_tiny_repo(tmp_path, mnist_mirror, cli_env, epochs=2)
 
     out = _run(["dvc", "repro"], profile, env)
     for stage in ("prepare@mnist", "train@mnist-mlp", "generate@mnist-mlp-fast", "evaluate@mnist-mlp",

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import WRITERS, small_spec
-from PIL import Image
+from conftest import read_split_by_hand as read_split
+from conftest import tiny_clean
 from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
 from pipeline.evaluate import curve_rows
 from stages.cli import app
 
@@ -36,24 +32,6 @@ VARIANTS = [f"{m}/eps={e}" for m in ("d_fgsm", "fgsm") for e in EPS] + ["deepfoo
 
 
 # --- independent readers --------------------------------------------------------------------------
-
-def read_split(folder: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(keys, images (N, H, W, C) uint8, labels) of every ``split-*.tar`` in ``folder``, via tarfile + Pillow."""
-    keys, images, labels = [], {}, {}
-    for tar_path in sorted(folder.glob(f"{split}-*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for info in tar.getmembers():
-                key, ext = info.name.split(".", 1)
-                data = tar.extractfile(info).read()
-                if key not in images and key not in labels:
-                    keys.append(key)
-                if ext == "png":
-                    arr = np.array(Image.open(io.BytesIO(data)))
-                    images[key] = arr[..., None] if arr.ndim == 2 else arr
-                elif ext == "cls":
-                    labels[key] = int(data.decode())
-    return keys, np.stack([images[k] for k in keys]), np.array([labels[k] for k in keys])
-
 
 def read_manifest(folder: Path, split: str) -> dict[str, list]:
     """The concatenated ``split-*.parquet`` manifests of ``folder`` as plain Python lists."""
@@ -90,9 +68,7 @@ def rate(mask: np.ndarray) -> float | None:
 def data(tmp_path_factory) -> Path:
     """root/clean (mnist 48 + 24, shards of 8), root/victim.pt (1 epoch), root/adv (fgsm, d_fgsm × 2 ε, deepfool)."""
     root = tmp_path_factory.mktemp("evaluate")
-    spec = small_spec("mnist", train=48, test=24)
-    WRITERS["mnist"](root / "raw", spec)
-    write_clean(load_source(spec, locate(spec, [root / "raw"]), allow_unverified=True), root / "clean", shard_size=8)
+    tiny_clean(root)
     trained = runner.invoke(app, ["train", "--dataset", "mnist", "--victim", "mlp", "--clean", str(root / "clean"),
                                   "--out", str(root / "victim.pt"), "--metrics", str(root / "train.json"),
                                   "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--device", "cpu"])

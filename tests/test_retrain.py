@@ -6,9 +6,7 @@ independently; white-box figures from an FGSM written out by hand.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import WRITERS, pattern_images, small_spec
-from PIL import Image
+from conftest import pattern_images, read_split_by_hand, tiny_clean
 from torch import nn
 from typer.testing import CliRunner
 
 from pipeline import attacks
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
 from pipeline.errors import AdvgenError, BadParameter
 from pipeline.retrain import MODES, mix, online_attack, retrain
 from pipeline.train import Recipe, train_victim
@@ -231,16 +226,8 @@ def test_online_adversarial_training_resists_transferred_and_white_box_fgsm(task
 
 def _read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images N×C×H×W, labels) of ``split-*.tar`` in ``folder``, via tarfile and Pillow."""
-    images, labels = [], []
-    for path in sorted(folder.glob(f"{split}-*.tar")):
-        with tarfile.open(path) as tar:
-            for info in tar.getmembers():
-                data = tar.extractfile(info).read()
-                if info.name.endswith(".png"):
-                    images.append(np.array(Image.open(io.BytesIO(data)))[None])
-                elif info.name.endswith(".cls"):
-                    labels.append(int(data))
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    _, images, labels = read_split_by_hand(folder, split)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
 @pytest.fixture(scope="module")
@@ -248,9 +235,7 @@ def folders(tmp_path_factory) -> Path:
     """root/clean (mnist 48 + 24), root/victim.pt (by `advgen train`), root/adv (fgsm ε=0.1, both splits),
     root/adv_test (the same, test split only)."""
     root = tmp_path_factory.mktemp("retrain")
-    spec = small_spec("mnist", train=48, test=24)
-    WRITERS["mnist"](root / "raw", spec)
-    write_clean(load_source(spec, locate(spec, [root / "raw"]), allow_unverified=True), root / "clean", shard_size=8)
+    tiny_clean(root)
     trained = runner.invoke(app, ["train", "--dataset", "mnist", "--victim", "mlp", "--clean", str(root / "clean"),
                                   "--out", str(root / "victim.pt"), "--metrics", str(root / "train.json"),
                                   "--epochs", "2", "--batch-size", "8", "--lr", "0.02", "--device", "cpu"])

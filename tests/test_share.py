@@ -8,14 +8,11 @@ and pass ``advgen verify`` on its own.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, copy_project
-from test_dvc import TINY, _run
+from test_dvc import _run, make_tiny_repo
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
@@ -29,19 +26,7 @@ def _digests(root: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_push_clone_pull_gives_identical_verified_data(tmp_path, mnist_mirror, cli_env):
     # The tiny profile, laid out as test_dvc.py (and demo/) lay it out, with one epoch.
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_project(repo)
-    profile = repo / "tiny"
-    profile.mkdir()
-    os.symlink("../dvc.yaml", profile / "dvc.yaml")
-    (profile / "params.yaml").write_text(TINY.replace("EPOCHS", "1"))
-    env = {**cli_env, "ADVGEN_MIRROR": str(mnist_mirror), "PYTHONPATH": str(repo)}
-    _run(["git", "init", "-q"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    _run(["git", "add", "-A"], repo, env)
-    _run([*GIT, "commit", "-qm", "init"], repo, env)
+    repo, profile, env = make_tiny_repo(tmp_path, mnist_mirror, cli_env, epochs=1)
     _run(["dvc", "repro"], profile, env)
 
     # Publish: a local folder stands in for the shared remote; the lock and config go to git.

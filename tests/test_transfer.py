@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WRITERS, small_spec
-from test_evaluate import read_manifest, read_split
+from conftest import read_split_by_hand as read_split
+from conftest import tiny_clean
+from test_evaluate import read_manifest
 from typer.testing import CliRunner
 
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
 from pipeline.victims import load
 from stages.cli import app
 
@@ -24,9 +23,7 @@ runner = CliRunner()
 def study(tmp_path_factory) -> Path:
     """root/clean, root/victims/{mlp,simple_cnn}.pt (1 epoch each), root/adv/<victim>/fgsm/eps=0.1 (test split)."""
     root = tmp_path_factory.mktemp("transfer")
-    spec = small_spec("mnist", train=48, test=24)
-    WRITERS["mnist"](root / "raw", spec)
-    write_clean(load_source(spec, locate(spec, [root / "raw"]), allow_unverified=True), root / "clean", shard_size=8)
+    tiny_clean(root)
     for victim in ("mlp", "simple_cnn"):
         r = runner.invoke(app, ["train", "--dataset", "mnist", "--victim", victim, "--clean", str(root / "clean"),
                                 "--out", str(root / "victims" / f"{victim}.pt"), "--metrics", str(root / f"{victim}.json"),
