@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline import attacks
 from pipeline.defenses import Defended, build_defense
+from pipeline.retrain import white_box
 
 
 @dataclass(frozen=True)
@@ -75,19 +75,13 @@ def adaptive_attack(models: dict[str, nn.Module], settings: list[Setting], x: Te
     rows = []
     for mname, model in models.items():
         for s in settings:
-            net = Defended(s.build(), model).to(device).eval()
-            correct = 0
-            for lo in range(0, len(x), batch_size):
-                xb = x[lo:lo + batch_size].to(device).float().div_(255)
-                yb = y[lo:lo + batch_size].to(device)
-                seeds = [attacks.sample_seed(seed, "adaptive", lo + i) for i in range(len(xb))]
-                adv = attacks.run(method, net, xb, yb, eps=eps, steps=steps, seeds=seeds)
-                adv = (adv * 255).round_().div_(255)  # as it would be stored
-                with torch.no_grad():
-                    correct += int((net(adv).argmax(1) == yb).sum())
+            defense = s.build()
+            net = Defended(defense, model).to(device).eval()
+            adv = white_box(net, x, y, method=method, eps=eps, steps=steps, device=device, seed=seed,
+                            tag="adaptive", batch_size=batch_size)
             rows.append({"model": mname, "defense": s.defense, "value": s.value,
                          "data": f"adaptive {method}" + (f" ε={eps:g}" if eps is not None else ""),
-                         "accuracy": correct / max(1, len(x))})
+                         "accuracy": defended_accuracy(model, defense, adv, y, device=device, batch_size=batch_size)})
     return rows
 
 

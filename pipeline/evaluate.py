@@ -68,6 +68,7 @@ def load_clean(clean_dir: Path, clean_stats: dict, split: str) -> CleanSplit:
 
 
 def variant_name(stats: dict) -> str:
+    """``method@ε`` (``method`` without ε): how results name a variant, from its stats or a result row."""
     return stats["method"] if stats["eps"] is None else f"{stats['method']}@{stats['eps']!r}"
 
 

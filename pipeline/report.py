@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from pipeline.evaluate import variant_name
+
 SIGN_METHODS = ("fgsm", "bim", "pgd", "illc_fast", "illc_iter")  # L∞ sign steps
 UNSIGNED_METHODS = ("fgm", "fgm_l2", "pgd_l2")  # raw or L2-normalized gradients
 
@@ -132,7 +134,7 @@ def figure_sample_grid(clean: np.ndarray, labels: np.ndarray, clean_pred: np.nda
 def figure_transfer(transfer: dict, whitebox: dict[str, dict[str, float]], path: Path, title: str) -> Path:
     """One source × target accuracy heatmap per adversarial (method, ε); the diagonal is white-box."""
     keys = sorted({k for k in transfer["matrix"]
-                   if any(r["direction"] == "adversarial" and _key(r) == k for r in transfer["rows"])})
+                   if any(r["direction"] == "adversarial" and variant_name(r) == k for r in transfer["rows"])})
     victims = sorted(transfer["clean_accuracy"])
     ncol = min(4, max(1, len(keys)))
     nrow = max(1, math.ceil(len(keys) / ncol))
@@ -161,10 +163,6 @@ def figure_transfer(transfer: dict, whitebox: dict[str, dict[str, float]], path:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     fig.suptitle(title)
     return _save(fig, path)
-
-
-def _key(row: dict) -> str:
-    return row["method"] + (f"@{row['eps']!r}" if row["eps"] is not None else "")
 
 
 # --- retraining and defenses -------------------------------------------------------------------------

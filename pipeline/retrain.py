@@ -102,13 +102,16 @@ def retrain(mode: str, victim: Victim, *, x: Tensor, y: Tensor, recipe: Recipe, 
 
 
 def white_box(model: nn.Module, x: Tensor, y: Tensor, *, method: str, eps: float | None, steps: int,
-              device: torch.device, seed: int = 0, batch_size: int = 500) -> Tensor:
-    """A fresh attack of ``method`` against ``model`` on uint8 images; returns uint8 images, rounded to nearest."""
+              device: torch.device, seed: int = 0, tag: str = "white_box", batch_size: int = 500) -> Tensor:
+    """A fresh attack of ``method`` against ``model`` on uint8 images; returns uint8 images, rounded to nearest.
+
+    Random starts are seeded per image by (``seed``, ``tag``, index), independent of ``batch_size``.
+    """
     out = []
     for lo in range(0, len(x), batch_size):
         xb = x[lo:lo + batch_size].to(device).float().div_(255)
         yb = y[lo:lo + batch_size].to(device)
-        seeds = [attacks.sample_seed(seed, "white_box", lo + i) for i in range(len(xb))]
+        seeds = [attacks.sample_seed(seed, tag, lo + i) for i in range(len(xb))]
         adv = attacks.run(method, model, xb, yb, eps=eps, steps=steps, seeds=seeds)
         out.append((adv * 255).round_().clamp_(0, 255).to(torch.uint8).cpu())
     return torch.cat(out)

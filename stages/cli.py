@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages import defend, evaluate, generate, inspect, prepare, report, retrain, train, transfer, verify
+from stages import defend, evaluate, generate, inspect, prepare, report, retrain, train, transfer, verify  # noqa: F401 - importing registers the commands
 from stages.app import app
 
 

@@ -11,7 +11,7 @@ import typer
 from pipeline import report as R
 from pipeline.datasets import get_dataset
 from pipeline.errors import BadParameter, CorruptFile
-from pipeline.evaluate import find_variants
+from pipeline.evaluate import find_variants, variant_name
 from pipeline.shards import read_images, write_text
 from pipeline.variants import read_manifests
 from stages.app import log, stage
@@ -108,7 +108,7 @@ def report(
             rows = []
             for name, r in ev["variants"].items():
                 s = r["splits"].get("test") or next(iter(r["splits"].values()))
-                key = r["method"] + (f"@{r['eps']!r}" if r["eps"] is not None else "")
+                key = variant_name(r)
                 whitebox.setdefault(key, {})[v] = s["accuracy"]
                 p = s["perturbation"]
                 extra = (s.get("success_rate") if r["direction"] == "adversarial" else s.get("error_rate_reduction"))

@@ -9,7 +9,7 @@ import typer
 
 from pipeline.clean import load_clean_split, open_clean
 from pipeline.errors import BadParameter
-from pipeline.evaluate import find_variants, open_variant
+from pipeline.evaluate import find_variants, open_variant, variant_name
 from pipeline.shards import file_digest, read_images, write_csv, write_json
 from pipeline.train import resolve_device
 from pipeline.transfer import classify, transfer_row
@@ -63,7 +63,7 @@ def transfer(
             b.update(i + 1, len(variants), folder.relative_to(roots[src]).as_posix(), line=True)
     matrix: dict = {}
     for r in rows:
-        key = r["method"] + (f"@{r['eps']!r}" if r["eps"] is not None else "")
+        key = variant_name(r)
         matrix.setdefault(key, {}).setdefault(r["source"], {})[r["target"]] = r["accuracy"]
     write_csv(plots / "transfer.csv", rows)
     write_json(metrics, {
