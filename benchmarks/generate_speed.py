@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.clean import load_clean_split, open_clean  # noqa: E402
-from pipeline.victims import load  # noqa: E402
+from advgen.clean import load_clean_split, open_clean  # noqa: E402
+from advgen.victims import load  # noqa: E402
 
 GRID_METHODS = ["fgsm", "fgm", "d_fgsm", "d_fgm"]
 GRID_EPS = [0.01, 0.02, 0.03, 0.05, 0.1, 0.2]

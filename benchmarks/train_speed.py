@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.train import Recipe, _fit, accuracy, default_recipe, resolve_device, train_victim  # noqa: E402
-from pipeline.victims import build  # noqa: E402
+from advgen.train import Recipe, _fit, accuracy, default_recipe, resolve_device, train_victim  # noqa: E402
+from advgen.victims import build  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:
@@ -78,7 +78,7 @@ def advgen_loop(victim: str, shape, batch: int, steps: int, dev: torch.device, p
 
 
 def fashion_accuracy(victim: str, dev: torch.device) -> dict:
-    from pipeline.datasets import DATASETS, load_source, locate
+    from advgen.datasets import DATASETS, load_source, locate
 
     spec = DATASETS["fashion_mnist"]
     paths = locate(spec, [Path(d) for d in spec.system_dirs])
@@ -104,7 +104,7 @@ def synthetic_run(victim: str, dataset: str, n: int, dev: torch.device) -> dict:
     the "CIFAR-10 resnet18 in under 60 s on an H100" target) where the real
     dataset is not at hand.
     """
-    from pipeline.datasets import DATASETS
+    from advgen.datasets import DATASETS
 
     spec = DATASETS[dataset]
     g = torch.Generator().manual_seed(0)

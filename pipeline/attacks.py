@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import BadParameter, unknown
+from advgen.errors import BadParameter, unknown
 
 Norm = Literal["linf", "l2", "none"]
 Direction = Literal["adversarial", "cooperative"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.datasets import DatasetSpec
+from advgen.datasets import DatasetSpec
 
 
 def _q(value: object) -> str:

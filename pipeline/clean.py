@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cards import clean_card
-from pipeline.datasets import SPLITS, DatasetSpec, Source
-from pipeline.errors import BadParameter, CorruptFile
-from pipeline.shards import (
+from advgen.cards import clean_card
+from advgen.datasets import SPLITS, DatasetSpec, Source
+from advgen.errors import BadParameter, CorruptFile
+from advgen.shards import (
     STATS,
     encode_png,
     file_digest,
@@ -40,7 +40,7 @@ from pipeline.shards import (
     write_tar,
     write_text,
 )
-from pipeline.versions import versions
+from advgen.versions import versions
 
 MIN_SHARDS = 8  # later stages split work by shard: world_size x workers needs enough of them
 FORMAT_VERSION = 1

@@ -23,9 +23,9 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from pipeline.errors import CorruptFile, DatasetNotFound, unknown
-from pipeline.formats import read_cifar_batches, read_idx, read_svhn_mat
-from pipeline.shards import file_digest
+from advgen.errors import CorruptFile, DatasetNotFound, unknown
+from advgen.formats import read_cifar_batches, read_idx, read_svhn_mat
+from advgen.shards import file_digest
 
 SPLITS: tuple[str, ...] = ("train", "test")
 Verification = Literal["original files (md5)", "decoded content (sha256)", "unverified"]

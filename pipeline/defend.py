@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.defenses import Defended, build_defense
-from pipeline.retrain import white_box
+from advgen.defenses import Defended, build_defense
+from advgen.retrain import white_box
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import BadParameter, unknown
+from advgen.errors import BadParameter, unknown
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:

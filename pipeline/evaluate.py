@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import metrics
-from pipeline.errors import BadParameter, CorruptFile
-from pipeline.shards import STATS, file_digest, read_images, read_stats, verify_shards
-from pipeline.variants import read_manifests
+from advgen import metrics
+from advgen.errors import BadParameter, CorruptFile
+from advgen.shards import STATS, file_digest, read_images, read_stats, verify_shards
+from advgen.variants import read_manifests
 
 
 @dataclass(frozen=True)

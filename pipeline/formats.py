@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CorruptFile
+from advgen.errors import CorruptFile
 
 _IDX_DTYPES = {0x08: np.uint8}
 

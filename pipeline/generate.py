@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline import attacks
-from pipeline.attacks import METHODS, get_method
-from pipeline.shards import read_images
-from pipeline.variants import Variant, shard_done, write_shard
-from pipeline.versions import versions
+from advgen import attacks
+from advgen.attacks import METHODS, get_method
+from advgen.shards import read_images
+from advgen.variants import Variant, shard_done, write_shard
+from advgen.versions import versions
 
 FORMAT_VERSION = 1
 _CODE_FILES = ("attacks.py", "generate.py", "variants.py", "shards.py")

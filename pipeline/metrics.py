@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.errors import BadParameter
+from advgen.errors import BadParameter
 
 BUCKETS = ("low", "medium", "high")
 

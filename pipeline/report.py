@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.evaluate import variant_name
+from advgen.evaluate import variant_name
 
 SIGN_METHODS = ("fgsm", "bim", "pgd", "illc_fast", "illc_iter")  # L∞ sign steps
 UNSIGNED_METHODS = ("fgm", "fgm_l2", "pgd_l2")  # raw or L2-normalized gradients

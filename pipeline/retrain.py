@@ -22,10 +22,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from pipeline import attacks
-from pipeline.errors import BadParameter, unknown
-from pipeline.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, train_victim
-from pipeline.victims import Victim
+from advgen import attacks
+from advgen.errors import BadParameter, unknown
+from advgen.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, train_victim
+from advgen.victims import Victim
 
 MODES = ("finetune", "scratch", "online_fgsm", "online_pgd")
 

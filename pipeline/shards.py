@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.errors import CorruptFile
+from advgen.errors import CorruptFile
 
 STATS = "_stats.json"
 KEY_WIDTH = 6  # 73257 SVHN training images fit; keys sort like numbers

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import AdvgenError, BadParameter
-from pipeline.victims import Victim, build
+from advgen.errors import AdvgenError, BadParameter
+from advgen.victims import Victim, build
 
 
 @dataclass(frozen=True)

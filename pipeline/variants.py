@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import AdvgenError
-from pipeline.shards import STATS, encode_png, file_digest, write_json, write_parquet, write_tar, write_text
+from advgen.errors import AdvgenError
+from advgen.shards import STATS, encode_png, file_digest, write_json, write_parquet, write_tar, write_text
 
 FINGERPRINT_KEY = b"advgen.fingerprint"
 TAR_SHA_KEY = b"advgen.tar_sha256"

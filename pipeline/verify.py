@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from pipeline.cards import size_category
-from pipeline.datasets import DATASETS, DatasetSpec
-from pipeline.errors import CorruptFile
-from pipeline.shards import STATS, decode_png, file_digest, iter_tar
-from pipeline.variants import FINGERPRINT_KEY, TAR_SHA_KEY, format_eps
+from advgen.cards import size_category
+from advgen.datasets import DATASETS, DatasetSpec
+from advgen.errors import CorruptFile
+from advgen.shards import STATS, decode_png, file_digest, iter_tar
+from advgen.variants import FINGERPRINT_KEY, TAR_SHA_KEY, format_eps
 
 CARD = "README.md"
 KINDS = ("clean", "variant")

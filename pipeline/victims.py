@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from pipeline.errors import CheckpointError, unknown
+from advgen.errors import CheckpointError, unknown
 
 CKPT_FORMAT = "advgen-victim/1"
 

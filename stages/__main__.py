@@ -1,5 +1,5 @@
-"""``python -m stages`` (what torchrun launches) runs the same CLI as ``advgen``."""
+"""``python -m advgen.stages`` runs the same CLI as ``advgen``."""
 
-from stages.cli import main
+from advgen.stages.cli import main
 
 main()

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import typer
 
-from pipeline.errors import AdvgenError
+from advgen.errors import AdvgenError
 
 app = typer.Typer(
     name="advgen",

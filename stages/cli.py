@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from stages import defend, evaluate, generate, inspect, prepare, report, retrain, train, transfer, verify  # noqa: F401 - importing registers the commands
-from stages.app import app
+from advgen.stages import defend, evaluate, generate, inspect, prepare, report, retrain, train, transfer, verify  # noqa: F401 - importing registers the commands
+from advgen.stages.app import app
 
 
 def main() -> None:

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.attacks import check_params, uses_eps
-from pipeline.clean import load_clean_split, open_clean
-from pipeline.defend import Setting, adaptive_attack, scaled_perturbations, sweep
-from pipeline.errors import BadParameter
-from pipeline.evaluate import open_variant
-from pipeline.shards import read_images, write_csv, write_json
-from pipeline.train import resolve_device
-from pipeline.victims import load
-from stages.app import log, stage
+from advgen.attacks import check_params, uses_eps
+from advgen.clean import load_clean_split, open_clean
+from advgen.defend import Setting, adaptive_attack, scaled_perturbations, sweep
+from advgen.errors import BadParameter
+from advgen.evaluate import open_variant
+from advgen.shards import read_images, write_csv, write_json
+from advgen.train import resolve_device
+from advgen.victims import load
+from advgen.stages.app import log, stage
 
 
 @stage

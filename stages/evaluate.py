@@ -8,12 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 import typer
 
-from pipeline.clean import open_clean
-from pipeline.errors import BadParameter
-from pipeline.evaluate import check_thresholds, curve_rows, evaluate_variant, find_variants, load_clean, open_variant
-from pipeline.shards import file_digest, write_csv, write_json, write_parquet
-from stages.app import log, stage
-from stages.progress import bar
+from advgen.clean import open_clean
+from advgen.errors import BadParameter
+from advgen.evaluate import check_thresholds, curve_rows, evaluate_variant, find_variants, load_clean, open_variant
+from advgen.shards import file_digest, write_csv, write_json, write_parquet
+from advgen.stages.app import log, stage
+from advgen.stages.progress import bar
 
 
 @stage

@@ -17,20 +17,20 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline.attacks import METHODS, check_params, get_method
-from pipeline.cards import variant_card
-from pipeline.clean import open_clean
-from pipeline.datasets import get_dataset
-from pipeline.errors import BadParameter
-from pipeline.generate import AttackParams, fingerprint, plan
-from pipeline.generate import generate as run_generate
-from pipeline.shards import file_digest, write_json
-from pipeline.train import resolve_device
-from pipeline.variants import finalize
-from pipeline.versions import versions
-from pipeline.victims import load
-from stages.app import log, stage
-from stages.progress import bar
+from advgen.attacks import METHODS, check_params, get_method
+from advgen.cards import variant_card
+from advgen.clean import open_clean
+from advgen.datasets import get_dataset
+from advgen.errors import BadParameter
+from advgen.generate import AttackParams, fingerprint, plan
+from advgen.generate import generate as run_generate
+from advgen.shards import file_digest, write_json
+from advgen.train import resolve_device
+from advgen.variants import finalize
+from advgen.versions import versions
+from advgen.victims import load
+from advgen.stages.app import log, stage
+from advgen.stages.progress import bar
 
 
 def _split_commas(values: list[str]) -> list[str]:

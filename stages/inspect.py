@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
-from pipeline.clean import load_clean_split, open_clean
-from pipeline.train import accuracy, resolve_device
-from pipeline.victims import count_parameters, load
-from stages.app import stage
+from advgen.clean import load_clean_split, open_clean
+from advgen.train import accuracy, resolve_device
+from advgen.victims import count_parameters, load
+from advgen.stages.app import stage
 
 
 @stage

@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from pipeline.clean import write_clean
-from pipeline.datasets import DATASETS, download, get_dataset, load_source, locate, search_roots
-from pipeline.errors import BadParameter, DatasetNotFound
-from stages.app import log, stage
-from stages.progress import bar
+from advgen.clean import write_clean
+from advgen.datasets import DATASETS, download, get_dataset, load_source, locate, search_roots
+from advgen.errors import BadParameter, DatasetNotFound
+from advgen.stages.app import log, stage
+from advgen.stages.progress import bar
 
 
 @stage

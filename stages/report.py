@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from pipeline import report as R
-from pipeline.datasets import get_dataset
-from pipeline.errors import BadParameter, CorruptFile
-from pipeline.evaluate import find_variants, variant_name
-from pipeline.shards import read_images, write_text
-from pipeline.variants import read_manifests
-from stages.app import log, stage
+from advgen import report as R
+from advgen.datasets import get_dataset
+from advgen.errors import BadParameter, CorruptFile
+from advgen.evaluate import find_variants, variant_name
+from advgen.shards import read_images, write_text
+from advgen.variants import read_manifests
+from advgen.stages.app import log, stage
 
 
 def _load(path: Path) -> dict:

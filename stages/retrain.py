@@ -8,18 +8,18 @@ from pathlib import Path
 
 import typer
 
-from pipeline.clean import load_clean_split, open_clean
-from pipeline.datasets import get_dataset
-from pipeline.errors import BadParameter
-from pipeline.evaluate import open_variant
-from pipeline.retrain import MODES, assess, check_mode, mix, online_attack
-from pipeline.retrain import retrain as run_retrain
-from pipeline.shards import read_images, write_json
-from pipeline.train import Recipe, resolve_device
-from pipeline.versions import versions
-from pipeline.victims import load, save
-from stages.app import git_commit, log, stage
-from stages.progress import bar
+from advgen.clean import load_clean_split, open_clean
+from advgen.datasets import get_dataset
+from advgen.errors import BadParameter
+from advgen.evaluate import open_variant
+from advgen.retrain import MODES, assess, check_mode, mix, online_attack
+from advgen.retrain import retrain as run_retrain
+from advgen.shards import read_images, write_json
+from advgen.train import Recipe, resolve_device
+from advgen.versions import versions
+from advgen.victims import load, save
+from advgen.stages.app import git_commit, log, stage
+from advgen.stages.progress import bar
 
 
 def _drops(r: dict) -> dict:

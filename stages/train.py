@@ -10,15 +10,15 @@ from typing import Optional
 
 import typer
 
-from pipeline.clean import load_clean_split, open_clean
-from pipeline.datasets import DATASETS, get_dataset
-from pipeline.errors import unknown
-from pipeline.shards import STATS, write_json
-from pipeline.train import accuracy, default_recipe, resolve_device, train_victim
-from pipeline.versions import versions
-from pipeline.victims import VICTIMS, count_parameters, save
-from stages.app import git_commit, log, stage
-from stages.progress import bar
+from advgen.clean import load_clean_split, open_clean
+from advgen.datasets import DATASETS, get_dataset
+from advgen.errors import unknown
+from advgen.shards import STATS, write_json
+from advgen.train import accuracy, default_recipe, resolve_device, train_victim
+from advgen.versions import versions
+from advgen.victims import VICTIMS, count_parameters, save
+from advgen.stages.app import git_commit, log, stage
+from advgen.stages.progress import bar
 
 
 @stage

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.clean import load_clean_split, open_clean
-from pipeline.errors import BadParameter
-from pipeline.evaluate import find_variants, open_variant, variant_name
-from pipeline.shards import file_digest, read_images, write_csv, write_json
-from pipeline.train import resolve_device
-from pipeline.transfer import classify, transfer_row
-from pipeline.victims import load
-from stages.app import log, stage
-from stages.progress import bar
+from advgen.clean import load_clean_split, open_clean
+from advgen.errors import BadParameter
+from advgen.evaluate import find_variants, open_variant, variant_name
+from advgen.shards import file_digest, read_images, write_csv, write_json
+from advgen.train import resolve_device
+from advgen.transfer import classify, transfer_row
+from advgen.victims import load
+from advgen.stages.app import log, stage
+from advgen.stages.progress import bar
 
 
 @stage

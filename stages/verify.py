@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import CorruptFile
-from pipeline.verify import describe, find_folders, verify_folder
-from stages.app import log, stage
+from advgen.errors import CorruptFile
+from advgen.verify import describe, find_folders, verify_folder
+from advgen.stages.app import log, stage
 
 
 @stage

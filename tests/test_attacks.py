@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import pattern_images
-from pipeline import attacks
-from pipeline.attacks import METHODS, deepfool, run
-from pipeline.train import Recipe, train_victim
+from advgen import attacks
+from advgen.attacks import METHODS, deepfool, run
+from advgen.train import Recipe, train_victim
 
 EPS = 0.1
 

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import WRITERS, small_spec
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
-from pipeline.victims import load
-from stages.cli import app
+from advgen.clean import write_clean
+from advgen.datasets import load_source, locate
+from advgen.victims import load
+from advgen.stages.cli import app
 
 runner = CliRunner()
 

@@ -20,10 +20,10 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 from typer.testing import CliRunner
 
-from pipeline.defend import defended_accuracy, scale_perturbation
-from pipeline.defenses import GaussianBlur, Resample
-from pipeline.victims import build, load
-from stages.cli import app
+from advgen.defend import defended_accuracy, scale_perturbation
+from advgen.defenses import GaussianBlur, Resample
+from advgen.victims import build, load
+from advgen.stages.cli import app
 
 runner = CliRunner()
 CPU = torch.device("cpu")

@@ -8,8 +8,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from pipeline.defenses import DEFENSES, Defended, GaussianBlur, Resample, build_defense, gaussian_kernel1d
-from pipeline.errors import BadParameter, UnknownName
+from advgen.defenses import DEFENSES, Defended, GaussianBlur, Resample, build_defense, gaussian_kernel1d
+from advgen.errors import BadParameter, UnknownName
 
 # One valid parameter per registered defense; the check below keeps this in step with the registry.
 VALUES = {"gaussian": 1.0, "resample": 14.0}

@@ -23,8 +23,8 @@ from conftest import tiny_clean
 from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
-from pipeline.evaluate import curve_rows
-from stages.cli import app
+from advgen.evaluate import curve_rows
+from advgen.stages.cli import app
 
 runner = CliRunner()
 EPS = ("0.01", "0.1")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import small_spec, write_cifar, write_idx, write_svhn
-from pipeline.errors import CorruptFile
-from pipeline.formats import read_cifar_batches, read_idx, read_svhn_mat
+from advgen.errors import CorruptFile
+from advgen.formats import read_cifar_batches, read_idx, read_svhn_mat
 
 
 @pytest.mark.parametrize("gz", [True, False])

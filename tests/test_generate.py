@@ -18,14 +18,14 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from conftest import WRITERS, small_spec
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
-from pipeline.generate import Batch, _finish
-from pipeline.shards import decode_png, file_digest, iter_tar
-from pipeline.train import Recipe, train_victim
-from pipeline.variants import summarize
-from pipeline.victims import load, save
-from stages.cli import app
+from advgen.clean import write_clean
+from advgen.datasets import load_source, locate
+from advgen.generate import Batch, _finish
+from advgen.shards import decode_png, file_digest, iter_tar
+from advgen.train import Recipe, train_victim
+from advgen.variants import summarize
+from advgen.victims import load, save
+from advgen.stages.cli import app
 
 runner = CliRunner()
 METHODS = "fgsm,d_fgsm,fgm_l2,illc_fast,pgd,deepfool"
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
         WRITERS[name](root / name / "raw", spec)
         write_clean(load_source(spec, locate(spec, [root / name / "raw"]), allow_unverified=True),
                     root / name / "clean", shard_size=8)
-    from pipeline.clean import load_clean_split, open_clean
+    from advgen.clean import load_clean_split, open_clean
 
     clean = root / "mnist" / "clean"
     stats = open_clean(clean)
@@ -178,7 +178,7 @@ def test_resume_after_sigkill_gives_identical_bytes(setup, reference, tmp_path, 
 def test_two_process_torchrun_equals_one_process(setup, reference, tmp_path, cli_env):
     out = tmp_path / "ddp"
     env = {**cli_env, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "stages",
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "advgen",
                            *_args(setup, out, "--store-float", "--workers", "0")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -247,7 +247,7 @@ def test_rounding_keeps_0_6_drops_0_4_and_counts_changed_outcomes():
 def test_loading_helpers_give_the_stored_images(reference):
     from torch.utils.data import DataLoader
 
-    from pipeline.loading import ShardDataset, iter_batches
+    from advgen.loading import ShardDataset, iter_batches
 
     folder = reference / "fgsm" / "eps=0.1"
     batches = list(iter_batches(folder, "test", batch_size=10))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics
-from pipeline.errors import BadParameter
-from pipeline.metrics import (
+from advgen import metrics
+from advgen.errors import BadParameter
+from advgen.metrics import (
     BUCKETS,
     confidence_buckets,
     error_rate_reduction,

@@ -18,12 +18,12 @@ from conftest import pattern_images, read_split_by_hand, tiny_clean
 from torch import nn
 from typer.testing import CliRunner
 
-from pipeline import attacks
-from pipeline.errors import AdvgenError, BadParameter
-from pipeline.retrain import MODES, mix, online_attack, retrain
-from pipeline.train import Recipe, train_victim
-from pipeline.victims import load
-from stages.cli import app
+from advgen import attacks
+from advgen.errors import AdvgenError, BadParameter
+from advgen.retrain import MODES, mix, online_attack, retrain
+from advgen.train import Recipe, train_victim
+from advgen.victims import load
+from advgen.stages.cli import app
 
 runner = CliRunner()
 CPU = torch.device("cpu")

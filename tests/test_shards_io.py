@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import CorruptFile
-from pipeline.shards import _decode_plain_png, decode_png, encode_png, iter_tar, write_tar
+from advgen.errors import CorruptFile
+from advgen.shards import _decode_plain_png, decode_png, encode_png, iter_tar, write_tar
 
 
 def _samples(n: int) -> list[dict[str, bytes]]:

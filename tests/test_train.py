@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import pattern_images
-from pipeline.errors import BadParameter
-from pipeline.train import (
+from advgen.errors import BadParameter
+from advgen.train import (
     Recipe, _lr_factor, accuracy, channel_stats, default_recipe, predict, random_crop, random_flip,
     resolve_device, train_victim,
 )
-from pipeline.datasets import DATASETS
-from pipeline.victims import VICTIMS
+from advgen.datasets import DATASETS
+from advgen.victims import VICTIMS
 
 CPU = torch.device("cpu")
 
@@ -124,7 +124,7 @@ def test_device_resolution():
 
 
 def test_predict_refuses_training_mode():
-    from pipeline.victims import build
+    from advgen.victims import build
 
     model = build("mlp", dataset="s", input_shape=(1, 28, 28), num_classes=10, mean=[0.5], std=[0.5])
     with pytest.raises(ValueError, match="eval mode"):

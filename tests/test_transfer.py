@@ -13,8 +13,8 @@ from conftest import tiny_clean
 from test_evaluate import read_manifest
 from typer.testing import CliRunner
 
-from pipeline.victims import load
-from stages.cli import app
+from advgen.victims import load
+from advgen.stages.cli import app
 
 runner = CliRunner()
 

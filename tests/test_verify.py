@@ -13,12 +13,12 @@ import torch
 from conftest import WRITERS, small_spec
 from typer.testing import CliRunner
 
-from pipeline.clean import write_clean
-from pipeline.datasets import load_source, locate
-from pipeline.shards import encode_png, file_digest, iter_tar, write_json, write_parquet, write_tar
-from pipeline.verify import find_folders, verify_folder
-from pipeline.victims import build, save
-from stages.cli import app
+from advgen.clean import write_clean
+from advgen.datasets import load_source, locate
+from advgen.shards import encode_png, file_digest, iter_tar, write_json, write_parquet, write_tar
+from advgen.verify import find_folders, verify_folder
+from advgen.victims import build, save
+from advgen.stages.cli import app
 
 runner = CliRunner()
 

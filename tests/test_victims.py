@@ -7,9 +7,9 @@ import zipfile
 import pytest
 import torch
 
-import pipeline
-from pipeline.errors import CheckpointError
-from pipeline.victims import VICTIMS, Victim, build, count_parameters, load, save
+import advgen
+from advgen.errors import CheckpointError
+from advgen.victims import VICTIMS, Victim, build, count_parameters, load, save
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 # Parameter counts, 10 classes, (1x28x28, 3x32x32): computed by hand from the layer sizes.
@@ -57,7 +57,7 @@ def test_checkpoint_round_trip(tmp_path, arch):
     model = _victim(arch, (3, 32, 32))
     model.meta.test_accuracy = 0.5
     save(model, tmp_path / "v.pt")
-    loaded = pipeline.load(tmp_path / "v.pt", dataset="test")
+    loaded = advgen.load(tmp_path / "v.pt", dataset="test")
     assert not loaded.training
     assert loaded.meta == model.meta
     x = torch.rand(4, 3, 32, 32)
