@@ -19,6 +19,7 @@ serves all of them at every epsilon (see ``loss_gradient``).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -177,7 +178,7 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, st
 @dataclass
 class DeepFoolResult:
     x: Tensor  # perturbed images in [0, 1]
-    r_l2: Tensor  # per-sample ‖x_adv − x‖₂ before clamping to [0, 1]
+    r_l2: Tensor  # per-sample ‖x_adv − x‖₂ of the applied perturbation (after clamping to [0, 1])
     iterations: Tensor  # int64
     converged: Tensor  # bool: the label changed within max_iter
 
@@ -234,8 +235,65 @@ def deepfool(model: nn.Module, x: Tensor, y: Tensor, *, candidates: int = 10, ov
         iterations[keep] += 1
     with torch.no_grad():
         x_adv = (x + (1 + overshoot) * r_tot).clamp(0, 1)
-    return DeepFoolResult(x=x_adv, r_l2=_l2((1 + overshoot) * r_tot).flatten(), iterations=iterations,
+    return DeepFoolResult(x=x_adv, r_l2=_l2(x_adv - x).flatten(), iterations=iterations,
                           converged=converged)
+
+
+# --- the stored form ------------------------------------------------------------------------------
+
+def ball_steps(eps: float) -> int:
+    """The largest whole number of uint8 steps (1/255) inside an ε of ``eps`` pixel units."""
+    return math.floor(255 * eps + 1e-6)
+
+
+def to_uint8(x_adv: Tensor, x: Tensor, *, eps: float | None = None, norm: Norm = "none") -> Tensor:
+    """The stored form of ``x_adv``: uint8 images that stay inside the ε-ball around the clean ``x``.
+
+    ``x`` holds clean images that are themselves uint8 / 255. Each pixel is
+    rounded to nearest, except where nearest would leave the ball: then it is
+    rounded towards the clean pixel. L∞: |stored − clean| ≤ ⌊255ε⌋ steps per
+    pixel. L2: if the nearest-rounded δ is longer than 255ε steps, the pixels
+    that rounding lengthened most are rounded towards the clean value instead,
+    fewest first, until ‖δ‖₂ ≤ ε (rounding every pixel towards the clean one
+    never lengthens δ, so this always ends inside). Without ε (``norm`` none or
+    DeepFool) it is plain round-to-nearest.
+    """
+    clean = (x * 255).round_()
+    a = (x_adv * 255).clamp_(0, 255)
+    r = a.round()
+    if eps is not None and norm == "linf":
+        k = ball_steps(eps)
+        r = torch.minimum(torch.maximum(r, clean - k), clean + k)
+    elif eps is not None and norm == "l2":
+        r = _into_l2_ball(r, a, clean, 255 * eps)
+    return r.clamp_(0, 255).to(torch.uint8)
+
+
+def _into_l2_ball(r: Tensor, a: Tensor, clean: Tensor, radius: float) -> Tensor:
+    """Round towards ``clean`` the fewest pixels of ``r`` that bring every ‖r − clean‖₂ within ``radius``."""
+    n = r.shape[0]
+    d, exact = (r - clean).flatten(1).double(), (a - clean).flatten(1).double()
+    need = d.square().sum(1) - radius**2 * (1 + 1e-9)  # squared length to shed, per image
+    if not (need > 0).any():
+        return r
+    toward = d - d.sign()  # one step towards the clean pixel
+    # Only pixels that nearest rounding lengthened are candidates; those it lengthened most go first.
+    excess = torch.where(d.abs() > exact.abs(), d.abs() - exact.abs(), torch.full_like(d, -1.0))
+    order = excess.argsort(dim=1, descending=True)
+    gain = (d.square() - toward.square()).gather(1, order)
+    gain = torch.where(excess.gather(1, order) > 0, gain, torch.zeros_like(gain))
+    shed = gain.cumsum(1)
+    # Flip positions 0..j where j is the first position whose cumulative gain covers the need.
+    count = (shed < need[:, None]).sum(1) + 1
+    flip_sorted = torch.arange(d.shape[1], device=d.device)[None, :] < count[:, None]
+    flip_sorted &= (need > 0)[:, None]
+    flip = torch.zeros_like(flip_sorted).scatter_(1, order, flip_sorted)
+    out = torch.where(flip, toward, d)
+    # Float noise can leave an image a hair outside: round all of its pixels towards the clean value.
+    still = out.square().sum(1) > radius**2 * (1 + 1e-9)
+    if still.any():
+        out[still] = torch.trunc(exact[still])
+    return (clean.flatten(1).double() + out).view_as(r).to(r.dtype).reshape(n, *r.shape[1:])
 
 
 # --- registry -------------------------------------------------------------------------------------

@@ -6,16 +6,16 @@ Layout of an output folder::
     README.md      dataset card (YAML front matter + sha256 of every shard)
     _stats.json    written last: counts, shard list, checksums, provenance
 
-The folder is built under a temporary name beside ``out`` and renamed into
-place at the end, so ``out`` is either the previous complete output or the new
-complete one, never a mixture.
+The folder is built under a temporary name beside ``out`` and swapped into
+place at the end (``outputs.replace_dir``), so ``out`` is either the previous
+complete output or the new complete one, never a mixture and never nothing.
+Only an empty folder or a complete clean folder is ever replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +26,13 @@ import pyarrow as pa
 from advgen.cards import clean_card
 from advgen.datasets import SPLITS, DatasetSpec, Source
 from advgen.errors import BadParameter, CorruptFile
+from advgen.outputs import check_replaceable, clean_stale, recover, replace_dir, staging_path
 from advgen.shards import (
     STATS,
     encode_png,
     file_digest,
     key_of,
-    read_images,
+    read_split,
     read_stats,
     shard_name,
     verify_shards,
@@ -76,7 +77,10 @@ def write_clean(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    recover(out)  # an earlier run killed mid-swap left the old folder aside
+    out = check_replaceable(out, "clean")
+    clean_stale(out.parent)
+    staging = staging_path(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -115,9 +119,7 @@ def write_clean(
         }
         write_text(staging / "README.md", clean_card(spec, stats))
         write_json(staging / STATS, stats)  # last: marks the folder complete
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return stats
@@ -166,7 +168,4 @@ def load_clean_split(directory: Path, stats: dict, split: str):
     """(images N×C×H×W uint8, labels int64, keys) of one split of a clean folder."""
     if split not in stats["shards"]:
         raise BadParameter(f"unknown split {split!r}; this folder has {', '.join(stats['shards'])}")
-    x, y, keys = read_images([Path(directory) / n for n in stats["shards"][split]])
-    if len(keys) != stats["counts"][split]:
-        raise CorruptFile(directory, f"{split}: {len(keys)} samples read, {stats['counts'][split]} recorded")
-    return x, y, keys
+    return read_split(Path(directory), stats, split)

@@ -19,7 +19,7 @@ import torch
 
 from advgen import metrics
 from advgen.errors import BadParameter, CorruptFile
-from advgen.shards import STATS, file_digest, read_images, read_stats, verify_shards
+from advgen.shards import STATS, file_digest, read_split, read_stats, verify_shards
 from advgen.variants import read_manifests
 
 
@@ -63,7 +63,7 @@ def open_variant(folder: Path, *, clean_dir: Path, victim_sha256: str | None = N
 
 
 def load_clean(clean_dir: Path, clean_stats: dict, split: str) -> CleanSplit:
-    x, _, keys = read_images([Path(clean_dir) / n for n in clean_stats["shards"][split]])
+    x, _, keys = read_split(Path(clean_dir), clean_stats, split)
     return CleanSplit(x=x, keys=keys)
 
 
@@ -92,7 +92,7 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
     names = stats["shards"][split]
     man = read_manifests(Path(folder), names)
     col = {n: man[n].to_numpy(zero_copy_only=False) for n in man.column_names if not n.endswith("_top5")}
-    x_adv, _, keys = read_images([Path(folder) / n for n in names])
+    x_adv, _, keys = read_split(Path(folder), stats, split)
     if keys != clean.keys or list(col["key"]) != keys:
         raise CorruptFile(folder, f"{split}: keys differ between the variant, its manifests and the clean shards")
     y = col["label"].astype(np.int64)
@@ -139,10 +139,12 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
         "unchanged": int((~finite).sum()),  # images rounding left identical to the clean one
         "mean_ssim": float(ssim.mean()), "min_ssim": float(ssim.min()),
     }
-    if "r_l2" in col:
+    if "iterations" in col:  # DeepFool: ρ̂ from the stored δ, over the images it attacked (the paper's ρ̂)
+        attacked = clean_ok if stats.get("label_source", "true") == "true" else np.ones(n, bool)
         out["deepfool"] = {
-            "rho": metrics.robustness_rho(col["r_l2"].astype(np.float64), x_l2),
-            "mean_r_l2": float(col["r_l2"].mean()),
+            "rho": metrics.robustness_rho(col["l2"][attacked].astype(np.float64), x_l2[attacked]),
+            "attacked": int(attacked.sum()),
+            "mean_r_l2": float(col["l2"][attacked].mean()) if attacked.any() else None,
             "mean_iterations": float(col["iterations"].mean()),
             "converged_rate": _rate(col["converged"]),
         }

@@ -6,22 +6,32 @@ shard is not already done is computed batch by batch:
 
 * one forward+backward gives the loss gradient that every single-step method
   (fgsm, fgm, fgm_l2, d_fgsm, d_fgm) uses at every ε;
-* each variant is rounded to nearest uint8 — what is stored — and the victim
-  classifies the stored image (one forward per variant); with the rounding
-  audit on, it also classifies the float image, so the manifest can say which
-  samples changed outcome through rounding;
+* each variant is rounded to uint8 — what is stored: nearest, except where
+  that would leave the ε-ball, then towards the clean pixel (``attacks.to_uint8``)
+  — and the victim classifies the stored image (one forward per variant); with
+  the rounding audit on, it also classifies the float image, so the manifest
+  can say which samples changed outcome through rounding;
 * finished shards go to worker processes that encode PNGs and write tars and
   manifests while the next shard computes.
 
 Batches are formed within a shard, and random starts are seeded per image,
-so the bytes written do not depend on the number of processes.
+so the bytes written do not depend on the number of processes. They can
+depend on the batch size (float reductions are blocked differently for
+different batch shapes), so the batch size is part of the fingerprint, as is
+the device type.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import hashlib
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,10 +45,11 @@ from torch import Tensor, nn
 from advgen import attacks
 from advgen.attacks import METHODS, get_method
 from advgen.shards import read_images
-from advgen.variants import Variant, shard_done, write_shard
+from advgen.outputs import clean_stale
+from advgen.variants import Variant, invalidate, shard_done, write_shard
 from advgen.versions import versions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CODE_FILES = ("attacks.py", "generate.py", "variants.py", "shards.py")
 
 
@@ -92,13 +103,16 @@ def code_version() -> str:
 
 
 def fingerprint(variant: Variant, params: AttackParams, *, victim_sha256: str, clean_sha256: str,
-                store_float: bool, rounding_audit: bool) -> str:
-    """What a finished output shard must have been made with to be reused."""
+                store_float: bool, rounding_audit: bool, batch_size: int, device: str) -> str:
+    """What a finished output shard must have been made with to be reused.
+
+    ``device`` is the device type (cpu, cuda): GPU kernels do not give the CPU's bits.
+    """
     doc = {
         "format_version": FORMAT_VERSION, "method": variant.method, "eps": variant.eps,
         "params": params.relevant(variant.method), "victim_sha256": victim_sha256, "clean_sha256": clean_sha256,
         "store_float": store_float, "rounding_audit": rounding_audit, "code": code_version(),
-        "torch": versions()["torch"],
+        "torch": versions()["torch"], "batch_size": batch_size, "device": device,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -115,11 +129,14 @@ class Batch:
     grad: Tensor | None = None  # loss gradient at x for ``label``, shared by the single-step methods
 
 
-def _finish(model: nn.Module, b: Batch, x_adv: Tensor, direction: str, audit: bool,
+def _finish(model: nn.Module, b: Batch, x_adv: Tensor, v: Variant, audit: bool,
             extra: dict[str, Tensor] | None = None, keep_float: bool = False) -> dict[str, Tensor]:
-    """Round to uint8, classify what is stored, and measure δ; all per sample, on the device."""
-    stored = (x_adv * 255).round_().clamp_(0, 255).to(torch.uint8)
+    """Round to uint8 inside the ε-ball, classify what is stored, and measure δ; per sample, on the device."""
+    m = METHODS[v.method]
+    direction = m.direction
+    stored = attacks.to_uint8(x_adv, b.x, eps=v.eps, norm=m.norm)
     xs = stored.float().div_(255)
+    attacks.check_output(v.method, b.x, xs, v.eps)  # the stored image holds its ε
     with torch.no_grad():
         probs = F.softmax(model(xs).float(), dim=1)
         clean_probs = F.softmax(b.clean_logits.float(), dim=1)
@@ -177,18 +194,18 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
             r = attacks.deepfool(model, b.x, b.label, candidates=params.candidates, overshoot=params.overshoot,
                                  max_iter=params.max_iter)
             x_adv = r.x
-            extra = {"r_l2": r.r_l2, "iterations": r.iterations, "converged": r.converged}
+            extra = {"iterations": r.iterations, "converged": r.converged}
         else:
             x_adv = m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size)
         attacks.check_output(v.method, b.x, x_adv, v.eps)
-        out[v] = _finish(model, b, x_adv.detach(), m.direction, audit, extra, keep_float)
+        out[v] = _finish(model, b, x_adv.detach(), v, audit, extra, keep_float)
     return out
 
 
 _NUMPY_TYPES = {"clean_pred": np.int16, "adv_pred": np.int16, "float_pred": np.int16, "target": np.int16,
                 "clean_top5": np.int16, "adv_top5": np.int16,
                 "clean_conf": np.float32, "adv_conf": np.float32, "linf": np.float32, "l2": np.float32,
-                "r_l2": np.float32, "iterations": np.int16}
+                "iterations": np.int16}
 
 
 def _gather(parts: list[dict[str, Tensor]]) -> dict[str, np.ndarray]:
@@ -220,16 +237,22 @@ def generate(
     """
     clean_sha = hashlib.sha256((clean / "_stats.json").read_bytes()).hexdigest()
     prints = {v: fingerprint(v, params, victim_sha256=victim_sha256, clean_sha256=clean_sha,
-                             store_float=store_float, rounding_audit=rounding_audit) for v in variants}
+                             store_float=store_float, rounding_audit=rounding_audit, batch_size=batch_size,
+                             device=device.type) for v in variants}
     tasks = [ShardTask(s, n) for s in splits for n in clean_stats["shards"][s]]
     mine = tasks[rank::world_size]
     for v in variants:
         (out / v.folder).mkdir(parents=True, exist_ok=True)
+        clean_stale(out / v.folder)  # temporary files of killed runs
     # Which variants each of this rank's shards still needs (a resumed run skips the rest).
     work = [(task, [v for v in variants if not shard_done(out / v.folder / task.name, prints[v])]) for task in mine]
+    # A variant about to change is no longer complete: its marker goes before the first new shard lands.
+    for v in {v for _, todo in work for v in todo}:
+        invalidate(out / v.folder)
     counts = {"computed": sum(len(todo) for _, todo in work),
               "skipped": sum(len(variants) - len(todo) for _, todo in work)}
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) \
+        if workers > 0 else None
     # One thread reads and decodes the next input shard while this one computes
     # (torch releases the GIL in its kernels).
     reader = ThreadPoolExecutor(max_workers=1)
@@ -239,7 +262,8 @@ def generate(
 
     def prefetch(j: int) -> None:
         if j < len(queue):
-            reads[j] = reader.submit(read_images, [clean / queue[j][0].name])
+            reads[j] = reader.submit(read_images, [clean / queue[j][0].name], shape=clean_stats.get("shape"),
+                                     num_classes=len(clean_stats["classes"]) if "classes" in clean_stats else None)
 
     pending: list[Future] = []
     try:
@@ -270,6 +294,27 @@ def generate(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return counts
+
+
+def _die_with_parent(parent: int) -> None:
+    """Writer processes exit when the process that started them is gone, even after a SIGKILL.
+
+    Linux delivers SIGTERM on the parent's death (``PR_SET_PDEATHSIG``); a
+    watchdog thread covers other systems and the race before the call.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="advgen-parent-watch").start()
 
 
 def _manifest_columns(keys: list[str], labels: np.ndarray, cols: dict[str, np.ndarray]) -> dict:

@@ -30,8 +30,7 @@ import torch
 from PIL import Image
 
 from advgen.errors import CorruptFile
-
-STATS = "_stats.json"
+from advgen.outputs import STATS, check_stats_names
 KEY_WIDTH = 6  # 73257 SVHN training images fit; keys sort like numbers
 
 
@@ -104,8 +103,11 @@ def decode_png(data: bytes) -> np.ndarray:
     fast = _decode_plain_png(data)
     if fast is not None:
         return fast
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a decodable PNG ({type(e).__name__})") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -251,12 +253,16 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
 
 
 def _tarfile_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Members of any tar ``tarfile`` reads; links, folders and devices are refused, never followed."""
     with tarfile.open(path, "r:") as tar:
         for info in tar:
-            if info.isfile():
-                f = tar.extractfile(info)
-                assert f is not None
-                yield info.name, f.read()
+            if not info.isfile():
+                kind = ("symbolic link" if info.issym() else "hard link" if info.islnk()
+                        else "folder" if info.isdir() else "special file")
+                raise CorruptFile(path, f"member {info.name!r} is a {kind}; shards hold regular files only")
+            f = tar.extractfile(info)
+            assert f is not None
+            yield info.name, f.read()
 
 
 def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -289,8 +295,10 @@ def read_stats(directory: Path, *, kind: str) -> dict:
         stats = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CorruptFile(path, f"unreadable ({e})") from None
-    if stats.get("kind") != kind:
-        raise CorruptFile(path, f"expected a {kind!r} folder, found {stats.get('kind')!r}")
+    if not isinstance(stats, dict) or stats.get("kind") != kind:
+        found = stats.get("kind") if isinstance(stats, dict) else type(stats).__name__
+        raise CorruptFile(path, f"expected a {kind!r} folder, found {found!r}")
+    check_stats_names(stats, path)
     return stats
 
 
@@ -305,17 +313,52 @@ def verify_shards(directory: Path, stats: dict) -> None:
             raise CorruptFile(p, f"sha256 {got[:16]}… differs from the recorded {want[:16]}…")
 
 
-def read_images(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode shards into (N, C, H, W) uint8 images, (N,) int64 labels and keys."""
+def read_images(paths: list[Path], *, shape: tuple[int, int, int] | list[int] | None = None,
+                num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode shards into (N, C, H, W) uint8 images, (N,) int64 labels and keys.
+
+    Every sample is checked: a decodable PNG of ``shape`` (C, H, W; default: the
+    first sample's) and a label in [0, ``num_classes``) when given. Content that
+    passed its checksum can still be wrong; it is refused here, naming the sample.
+    """
     images, labels, keys = [], [], []
+    want = None if shape is None else (int(shape[1]), int(shape[2]), int(shape[0]))
     for path in paths:
         for key, members in iter_tar(path):
             if "png" not in members or "cls" not in members:
                 raise CorruptFile(path, f"sample {key} lacks .png or .cls")
-            images.append(decode_png(members["png"]))
-            labels.append(int(members["cls"]))
+            try:
+                img = decode_png(members["png"])
+            except ValueError as e:
+                raise CorruptFile(path, f"sample {key}: {e}") from None
+            want = want or img.shape
+            if img.shape != want or img.dtype != np.uint8:
+                raise CorruptFile(path, f"sample {key}: image is {'x'.join(map(str, img.shape))} {img.dtype}, "
+                                        f"expected {'x'.join(map(str, want))} uint8")
+            raw = members["cls"].strip()
+            if not raw.isdigit() or len(raw) > 9:
+                raise CorruptFile(path, f"sample {key}: label {raw[:20]!r} is not a class index")
+            label = int(raw)
+            if num_classes is not None and label >= num_classes:
+                raise CorruptFile(path, f"sample {key}: label {label} is outside [0, {num_classes})")
+            images.append(img)
+            labels.append(label)
             keys.append(key)
     if not images:
         raise CorruptFile(paths[0] if paths else "shards", "no samples")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.int64), keys
+
+
+def read_split(folder: Path, stats: dict, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``read_images`` of one split of a complete folder, checked against its stats (shape, classes, count)."""
+    if split not in stats["shards"]:
+        raise CorruptFile(folder, f"has no {split!r} split; it has {', '.join(stats['shards'])}")
+    shape = stats.get("shape")
+    classes = stats.get("classes")
+    x, y, keys = read_images([Path(folder) / n for n in stats["shards"][split]], shape=shape,
+                             num_classes=len(classes) if classes else None)
+    want = stats.get("counts", {}).get(split)
+    if want is not None and len(keys) != want:
+        raise CorruptFile(folder, f"{split}: {len(keys)} samples read, {want} recorded")
+    return x, y, keys

@@ -82,6 +82,12 @@ def write_shard(tar_path: Path, *, keys: list[str], labels: np.ndarray, images: 
     return {tar_path.name: tar_sha, manifest.name: file_digest(manifest)}
 
 
+def invalidate(folder: Path) -> None:
+    """Remove a variant's completion marker (``_stats.json``, then its card) before it is rewritten."""
+    (folder / STATS).unlink(missing_ok=True)
+    (folder / "README.md").unlink(missing_ok=True)
+
+
 def shard_done(tar_path: Path, fingerprint: str) -> bool:
     """True if the shard and its manifest are complete and were made with ``fingerprint``."""
     manifest = tar_path.with_suffix(".parquet")

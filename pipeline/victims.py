@@ -14,6 +14,8 @@ A checkpoint is a plain dict of tensors and JSON-able metadata, saved with
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,8 +123,9 @@ class VictimMeta:
     std: list[float]
     train: dict = field(default_factory=dict)  # recipe, seed, device, clean data checksum
     test_accuracy: float | None = None
-    git_commit: str | None = None
     versions: dict = field(default_factory=dict)
+    # Provenance that varies without changing the model (git commit, dirty tree, file names) is not
+    # kept here: it would change the checkpoint's bytes, and with them every fingerprint downstream.
 
 
 class Victim(nn.Module):
@@ -152,16 +155,58 @@ def build(arch: str, *, dataset: str, input_shape: Sequence[int], num_classes: i
     return Victim(VICTIMS[arch](shape, int(num_classes)), meta)  # type: ignore[arg-type]
 
 
-def save(model: Victim, path: Path) -> None:
-    """Write weights and metadata to ``path`` (loadable with ``weights_only=True``)."""
+def checkpoint_bytes(model: Victim) -> bytes:
+    """The bytes ``save`` writes: a function of the weights and metadata only.
+
+    Serialized to memory, because ``torch.save`` to a path names the archive's
+    inner folder after the file, so the same model saved as ``a.pt`` and
+    ``b.pt`` would differ.
+    """
     meta = asdict(model.meta)
     meta["input_shape"] = list(meta["input_shape"])
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": CKPT_FORMAT, "meta": meta, "state_dict": state}, buf)
+    return buf.getvalue()
+
+
+def save(model: Victim, path: Path) -> None:
+    """Write weights and metadata to ``path`` atomically (loadable with ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": CKPT_FORMAT, "meta": meta, "state_dict": state}, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(checkpoint_bytes(model))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_META_FIELDS = {"arch": str, "dataset": str, "num_classes": int, "input_shape": list, "mean": list, "std": list}
+
+
+def _meta(raw: object, path: Path) -> VictimMeta:
+    """Checked metadata of a checkpoint; ``CheckpointError`` names the first missing or malformed field."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: metadata is not a mapping")
+    for key, kind in _META_FIELDS.items():
+        if key not in raw:
+            raise CheckpointError(f"{path}: metadata lacks {key!r}; not a checkpoint written by advgen train")
+        if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
+            raise CheckpointError(f"{path}: metadata {key!r} is {raw[key]!r}, expected a {kind.__name__}")
+    shape = raw["input_shape"]
+    if len(shape) != 3 or not all(isinstance(s, int) and 0 < s <= 4096 for s in shape):
+        raise CheckpointError(f"{path}: metadata input_shape {shape!r} is not (C, H, W)")
+    if not 1 < raw["num_classes"] <= 100_000:
+        raise CheckpointError(f"{path}: metadata num_classes {raw['num_classes']!r} is out of range")
+    if len(raw["mean"]) != shape[0] or len(raw["std"]) != shape[0]:
+        raise CheckpointError(f"{path}: metadata mean/std need one value per channel ({shape[0]})")
+    known = {f for f in VictimMeta.__dataclass_fields__}
+    try:
+        return VictimMeta(**{k: v for k, v in raw.items() if k in known and k != "input_shape"},
+                          input_shape=tuple(shape))  # type: ignore[arg-type]
+    except TypeError as e:
+        raise CheckpointError(f"{path}: metadata does not match this version of advgen ({e})") from None
 
 
 def load(path: Path | str, *, dataset: str | None = None, map_location: str | torch.device = "cpu") -> Victim:
@@ -180,11 +225,9 @@ def load(path: Path | str, *, dataset: str | None = None, map_location: str | to
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: not an advgen victim checkpoint (expected format {CKPT_FORMAT})")
-    raw = ckpt["meta"]
-    try:
-        meta = VictimMeta(**{**raw, "input_shape": tuple(raw["input_shape"])})
-    except TypeError as e:
-        raise CheckpointError(f"{path}: metadata does not match this version of advgen ({e})") from None
+    if "meta" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: an advgen checkpoint without meta or state_dict")
+    meta = _meta(ckpt["meta"], path)
     if dataset is not None and meta.dataset != dataset:
         raise CheckpointError(
             f"{path}: this {meta.arch} was trained on {meta.dataset}, but the data here is {dataset}"

@@ -12,7 +12,7 @@ from advgen.clean import load_clean_split, open_clean
 from advgen.defend import Setting, adaptive_attack, scaled_perturbations, sweep
 from advgen.errors import BadParameter
 from advgen.evaluate import open_variant
-from advgen.shards import read_images, write_csv, write_json
+from advgen.shards import read_split, write_csv, write_json
 from advgen.train import resolve_device
 from advgen.victims import load
 from advgen.stages.app import log, stage
@@ -64,7 +64,7 @@ def defend(
         st = open_variant(folder, clean_dir=clean)
         if "test" not in st["shards"]:
             raise BadParameter(f"{folder} has no test split")
-        x, y, _ = read_images([folder / n for n in st["shards"]["test"]])
+        x, y, _ = read_split(folder, st, "test")
         name = f"{st['method']}" + (f" ε={st['eps']:g}" if st["eps"] is not None else "") + f" ({st['victim']['arch']})"
         data[name] = (x, y)
         names.append(name)

@@ -9,6 +9,7 @@ one process.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import time
@@ -24,12 +25,13 @@ from advgen.datasets import get_dataset
 from advgen.errors import BadParameter
 from advgen.generate import AttackParams, fingerprint, plan
 from advgen.generate import generate as run_generate
+from advgen.outputs import STATS, check_file_target, check_writable
 from advgen.shards import file_digest, write_json
 from advgen.train import resolve_device
 from advgen.variants import finalize
 from advgen.versions import versions
 from advgen.victims import load
-from advgen.stages.app import log, stage
+from advgen.stages.app import log, parse_number, stage
 from advgen.stages.progress import bar
 
 
@@ -43,8 +45,9 @@ def generate(
     clean: Path = typer.Option(..., help="Clean folder from `advgen prepare` (same dataset as the victim)."),
     out: Path = typer.Option(..., help="Output root: OUT/<method>/eps=<ε>/{split}-NNNNNN.tar."),
     method: list[str] = typer.Option(..., help=f"Repeatable (or comma-separated). One of: {', '.join(METHODS)}."),
-    eps: list[str] = typer.Option([], help="Repeatable (or comma-separated) ε in [0, 1] pixel units."),
-    split: list[str] = typer.Option(["train", "test"], help="Splits to copy (repeatable)."),
+    eps: list[str] = typer.Option([], help="Repeatable (or comma-separated) ε in pixel units of [0, 1] images; "
+                                  "fractions such as 8/255 work. Not used by deepfool."),
+    split: list[str] = typer.Option(["train", "test"], help="Splits to copy (repeatable, or comma-separated)."),
     steps: int = typer.Option(10, help="Iterations of bim, d_bim, illc_iter, pgd, pgd_l2."),
     step_size: float = typer.Option(0.0, help="Step of the iterative methods; 0 = 2.5·ε/steps."),
     label_source: str = typer.Option("true", help="Gradient label: true, or predicted (the model's top-1)."),
@@ -63,14 +66,15 @@ def generate(
 ) -> None:
     """Write a full copy of every requested split per (method, ε), with manifests and cards."""
     methods = _split_commas(method)
-    try:
-        eps_values = [float(e) for e in _split_commas(eps)]
-    except ValueError:
-        raise BadParameter(f"--eps takes numbers, got {eps}") from None
+    eps_values = [parse_number(e, "--eps") for e in _split_commas(eps)]
+    splits = list(dict.fromkeys(_split_commas(split)))
     for m in methods:
         get_method(m)
     if any(METHODS[m].kind != "minimal" for m in methods) and not eps_values:
         raise BadParameter("--eps is required for every method but deepfool")
+    if eps_values and any(METHODS[m].kind == "minimal" for m in methods):
+        log("generate: warning: --eps does not apply to deepfool (it finds each image's own minimal perturbation)"
+            + ("; it applies to the other methods" if any(METHODS[m].kind != "minimal" for m in methods) else ""))
     params = AttackParams(steps=steps, step_size=step_size or None, label_source=label_source, target=target,
                           candidates=candidates, overshoot=overshoot, max_iter=max_iter, seed=seed)
     for m in methods:
@@ -79,8 +83,13 @@ def generate(
                          target=target, candidates=candidates, overshoot=overshoot, max_iter=max_iter)
     if batch_size < 1 or workers < 0:
         raise BadParameter("--batch-size must be >= 1 and --workers >= 0")
+    if out.exists() and not out.is_dir():
+        raise BadParameter(f"--out {out} is a file, not a folder")
+    check_writable(out)
+    if metrics is not None:
+        check_file_target(metrics, "--metrics")
     stats = open_clean(clean)
-    for s in split:
+    for s in splits:
         if s not in stats["shards"]:
             raise BadParameter(f"unknown split {s!r}; {clean} has {', '.join(stats['shards'])}")
     spec = get_dataset(stats["dataset"])
@@ -98,12 +107,12 @@ def generate(
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=12))
 
-    log(f"generate: {len(variants)} variant(s) of {stats['dataset']} ({', '.join(split)}) with "
+    log(f"generate: {len(variants)} variant(s) of {stats['dataset']} ({', '.join(splits)}) with "
         f"{model.meta.arch} on {dev}" + (f", rank {rank}/{world}" if world > 1 else ""))
     started = time.perf_counter()
     with bar("generate") as b:
         counts = run_generate(
-            model, clean=clean, clean_stats=stats, out=out, variants=variants, splits=list(split), params=params,
+            model, clean=clean, clean_stats=stats, out=out, variants=variants, splits=splits, params=params,
             victim_sha256=victim_sha, device=dev, batch_size=batch_size, workers=workers, store_float=store_float,
             rounding_audit=rounding_audit, rank=rank, world_size=world,
             on_progress=lambda done, total, what: b.update(done, total, what, line=done == total),
@@ -119,13 +128,15 @@ def generate(
                 "format_version": 1, "dataset": stats["dataset"], "method": v.method, "eps": v.eps,
                 "norm": m.norm, "direction": m.direction, "label_source": label_source, "seed": seed,
                 "params": params.relevant(v.method), "store_float": store_float, "rounding_audit": rounding_audit,
-                "device": dev.type, "versions": versions(), "clean_stats_sha256": clean_sha,
+                "device": dev.type, "batch_size": batch_size, "versions": versions(), "clean_stats_sha256": clean_sha,
+                "shape": stats.get("shape"), "classes": stats.get("classes"),
                 "victim": {"arch": model.meta.arch, "dataset": model.meta.dataset, "sha256": victim_sha,
                            "test_accuracy": model.meta.test_accuracy},
             }
             fp = fingerprint(v, params, victim_sha256=victim_sha, clean_sha256=clean_sha,
-                             store_float=store_float, rounding_audit=rounding_audit)
-            vstats = finalize(out / v.folder, shards={s: stats["shards"][s] for s in split}, fingerprint=fp,
+                             store_float=store_float, rounding_audit=rounding_audit, batch_size=batch_size,
+                             device=dev.type)
+            vstats = finalize(out / v.folder, shards={s: stats["shards"][s] for s in splits}, fingerprint=fp,
                               stats_base=base, render_card=lambda st: variant_card(spec, st))
             summary = ", ".join(f"{s} acc {d['accuracy']:.4f} success {d['success_rate']:.4f}"
                                 for s, d in vstats["splits"].items())
@@ -133,7 +144,7 @@ def generate(
         if prune:
             _prune(out, {v.folder for v in variants})
         if metrics is not None:
-            images = sum(stats["counts"][s] for s in split)
+            images = sum(stats["counts"][s] for s in splits)
             write_json(metrics, {
                 "stage": "generate", "dataset": stats["dataset"], "victim": model.meta.arch,
                 "methods": methods, "variants": len(variants), "images_per_variant": images,
@@ -148,15 +159,40 @@ def generate(
     log(f"generate: {counts['computed']} shard(s) computed, {counts['skipped']} already done")
 
 
+def _is_variant(folder: Path) -> bool:
+    """A folder generate wrote: its stats say variant, or it holds only variant files (an unfinished one)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        return json.loads((folder / STATS).read_text()).get("kind") == "variant"
+    except (OSError, ValueError, AttributeError):
+        pass
+    files = [p for p in folder.iterdir()]
+    return bool(files) and all(p.is_file() and (p.suffix in (".tar", ".parquet") or p.name == "README.md"
+                                                or p.name.startswith(".")) for p in files)
+
+
 def _prune(out: Path, keep: set[str]) -> None:
-    """Remove variant folders under ``out`` that are not in ``keep`` (method or method/eps=… paths)."""
-    for method_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    """Remove variant folders under ``out`` that are not in ``keep`` (method or method/eps=… paths).
+
+    Only folders generate wrote are removed; anything else is left alone and named.
+    """
+    for method_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
         name = method_dir.name
         if name in keep:
             continue
-        if not any(k.startswith(name + "/") for k in keep):
+        wanted = any(k.startswith(name + "/") for k in keep)
+        if not wanted and _is_variant(method_dir):
             shutil.rmtree(method_dir)
             continue
         for eps_dir in sorted(p for p in method_dir.iterdir() if p.is_dir()):
-            if f"{name}/{eps_dir.name}" not in keep:
+            if f"{name}/{eps_dir.name}" in keep:
+                continue
+            if eps_dir.name.startswith("eps=") and _is_variant(eps_dir):
                 shutil.rmtree(eps_dir)
+            else:
+                log(f"generate: --prune left {eps_dir} alone: not a variant folder generate wrote")
+        if not wanted and method_dir.exists() and not any(method_dir.iterdir()):
+            method_dir.rmdir()
+        elif not wanted and method_dir.exists():
+            log(f"generate: --prune left {method_dir} alone: it holds files generate did not write")

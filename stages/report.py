@@ -12,7 +12,7 @@ from advgen import report as R
 from advgen.datasets import get_dataset
 from advgen.errors import BadParameter, CorruptFile
 from advgen.evaluate import find_variants, variant_name
-from advgen.shards import read_images, write_text
+from advgen.shards import read_split, write_text
 from advgen.variants import read_manifests
 from advgen.stages.app import log, stage
 
@@ -30,7 +30,7 @@ def _grids(ev: dict, spec, out: Path, figs: Path, *, samples: int, seed: int) ->
     cstats = _load(clean / "_stats.json")
     if "test" not in cstats["shards"]:
         return []
-    x0, y, _ = read_images([clean / n for n in cstats["shards"]["test"]])
+    x0, y, _ = read_split(clean, cstats, "test")
     pick = np.sort(np.random.default_rng(seed).choice(len(y), size=min(samples, len(y)), replace=False))
     clean_img = x0[pick].permute(0, 2, 3, 1).numpy()
     by_method: dict[str, list] = {}
@@ -43,7 +43,7 @@ def _grids(ev: dict, spec, out: Path, figs: Path, *, samples: int, seed: int) ->
         entries.sort(key=lambda e: -1.0 if e[0] is None else e[0])
         cols = []
         for eps, folder, st in entries:
-            xa, _, _ = read_images([folder / n for n in st["shards"]["test"]])
+            xa, _, _ = read_split(folder, st, "test")
             man = read_manifests(folder, st["shards"]["test"])
             clean_pred = man["clean_pred"].to_numpy()[pick]
             name = method if eps is None else f"ε={eps:g}"

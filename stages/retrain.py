@@ -14,11 +14,11 @@ from advgen.errors import BadParameter
 from advgen.evaluate import open_variant
 from advgen.retrain import MODES, assess, check_mode, mix, online_attack
 from advgen.retrain import retrain as run_retrain
-from advgen.shards import read_images, write_json
+from advgen.shards import read_split, write_json
 from advgen.train import Recipe, resolve_device
 from advgen.versions import versions
 from advgen.victims import load, save
-from advgen.stages.app import git_commit, log, stage
+from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 
 
@@ -65,8 +65,8 @@ def retrain(
 
     x, y, _ = load_clean_split(clean, clean_stats, "train")
     xt, yt, _ = load_clean_split(clean, clean_stats, "test")
-    ax, ay, _ = read_images([adv / n for n in vstats["shards"]["train"]])
-    axt, ayt, _ = read_images([adv / n for n in vstats["shards"]["test"]])
+    ax, ay, _ = read_split(adv, vstats, "train")
+    axt, ayt, _ = read_split(adv, vstats, "test")
     method, eps = vstats["method"], vstats["eps"]
     mixed_x, mixed_y = mix(x, y, ax, ay, clean_ratio=clean_ratio, seed=seed)
     log(f"retrain {victim.meta.arch} on {spec.name}: {method} ε={eps} from a {vstats['victim']['arch']} victim, "
@@ -97,7 +97,6 @@ def retrain(
                             "adversarial": {"method": method, "eps": eps, "source": vstats["victim"]},
                             "clean_ratio": clean_ratio, "online_eps": online_eps, "online_steps": online_steps}
         model.meta.test_accuracy = res["clean_accuracy"]
-        model.meta.git_commit = git_commit()
         model.meta.versions = versions()
         save(model.cpu(), out / f"{m}.pt")
         results[m] = {**res, "epochs": r.epochs, "lr": lr,

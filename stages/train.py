@@ -13,11 +13,12 @@ import typer
 from advgen.clean import load_clean_split, open_clean
 from advgen.datasets import DATASETS, get_dataset
 from advgen.errors import unknown
+from advgen.outputs import check_file_target
 from advgen.shards import STATS, write_json
 from advgen.train import accuracy, default_recipe, resolve_device, train_victim
 from advgen.versions import versions
 from advgen.victims import VICTIMS, count_parameters, save
-from advgen.stages.app import git_commit, log, stage
+from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 
 
@@ -45,6 +46,8 @@ def train(
     recipe = replace(default_recipe(victim, dataset), **overrides)
     recipe.check()
     dev = resolve_device(device)
+    check_file_target(out, "--out")
+    check_file_target(metrics, "--metrics")
 
     t0 = time.perf_counter()
     stats = open_clean(clean, dataset=dataset)
@@ -71,7 +74,6 @@ def train(
         "train_count": len(y),
     }
     model.meta.test_accuracy = test_acc
-    model.meta.git_commit = git_commit()
     model.meta.versions = versions()
     save(model.cpu(), out)
     write_json(metrics, {

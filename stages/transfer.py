@@ -10,7 +10,7 @@ import typer
 from advgen.clean import load_clean_split, open_clean
 from advgen.errors import BadParameter
 from advgen.evaluate import find_variants, open_variant, variant_name
-from advgen.shards import file_digest, read_images, write_csv, write_json
+from advgen.shards import file_digest, read_split, write_csv, write_json
 from advgen.train import resolve_device
 from advgen.transfer import classify, transfer_row
 from advgen.victims import load
@@ -51,7 +51,7 @@ def transfer(
     rows = []
     with bar("transfer") as b:
         for i, (src, folder, st) in enumerate(variants):
-            x, _, _ = read_images([folder / n for n in st["shards"][split]])
+            x, _, _ = read_split(folder, st, split)
             for tgt, model in models.items():
                 if tgt == src:
                     continue

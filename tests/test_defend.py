@@ -219,9 +219,9 @@ def _refused(result, message: str, out: Path) -> None:
     assert not (out / "metrics.json").exists() and not (out / "plots").exists()
 
 
-@pytest.mark.parametrize("sigma", ["-1", "nan"])
-def test_negative_sigma_is_refused_before_compute(folders, tmp_path, sigma):
-    _refused(_defend(folders, tmp_path, sigma=("0", sigma)), "sigma must be >= 0", tmp_path)
+@pytest.mark.parametrize(("sigma", "message"), [("-1", "sigma must be >= 0"), ("nan", "--sigma must be a finite number")])
+def test_negative_sigma_is_refused_before_compute(folders, tmp_path, sigma, message):
+    _refused(_defend(folders, tmp_path, sigma=("0", sigma)), message, tmp_path)
 
 
 @pytest.mark.parametrize("factor", ["0", "1.5", "-0.5"])

@@ -133,7 +133,7 @@ def _hand(data: Path, variant: str, split: str, thresholds: tuple[float, float] 
                     for i, name in enumerate(("low", "medium", "high"))},
         "mean_psnr": float(np.mean(10 * np.log10(1 / mse[mse > 0]))), "unchanged": int((mse == 0).sum()),
         "mean_linf": float(np.abs(b - a).reshape(len(y), -1).max(axis=1).mean()),
-        "mse": mse,
+        "mse": mse, "pixels": a[0].size,
         "ssim": np.array([ssim_by_hand(a[i], b[i]) for i in range(len(y))]),
         "x_l2": np.sqrt((a**2).reshape(len(y), -1).sum(axis=1)),
         "man": man,
@@ -209,10 +209,13 @@ def test_deepfool_rho_by_hand(data, evaluated):
     assert got["eps"] is None
     for split in ("train", "test"):
         h = _hand(data, "deepfool", split)
-        r_l2 = np.array(h["man"]["r_l2"], dtype=np.float64)
+        # ρ̂ from the stored δ (not the float step), over the images DeepFool attacked: the clean-correct ones.
+        r_l2 = np.sqrt(h["mse"] * h["pixels"])
+        attacked = h["clean_ok"]
         df = got["splits"][split]["deepfool"]
-        assert df["rho"] == pytest.approx(np.mean(r_l2 / h["x_l2"]), rel=1e-6)
-        assert df["mean_r_l2"] == pytest.approx(r_l2.mean(), rel=1e-6)
+        assert 0 < attacked.sum() < len(attacked) and df["attacked"] == attacked.sum()
+        assert df["rho"] == pytest.approx(np.mean(r_l2[attacked] / h["x_l2"][attacked]), rel=1e-5)
+        assert df["mean_r_l2"] == pytest.approx(r_l2[attacked].mean(), rel=1e-5)
         assert df["mean_iterations"] == pytest.approx(np.mean(h["man"]["iterations"]))
         assert df["converged_rate"] == pytest.approx(np.mean(h["man"]["converged"]))
         assert df["rho"] > 0
