@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FASHION_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test fashion-mnist bench clean-demo
+.PHONY: install demo test fashion-mnist bench clean-demo profiles
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,14 @@ fashion-mnist:
 	  fi; \
 	fi
 
-# The demo is the real dvc.yaml (demo/dvc.yaml links to it) on demo/params.yaml.
+# Profiles (demo/ and the others) are DVC projects of their own; their dvc.yaml is generated from the
+# root dvc.yaml by `advgen profile`. Run this after editing dvc.yaml; a test fails while one is stale.
+PROFILES := demo
+
+profiles: install
+	$(BIN)/advgen profile $(PROFILES)
+
+# The demo: demo/dvc.yaml (generated from dvc.yaml) on demo/params.yaml.
 demo: install fashion-mnist
 	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 	cd demo && PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show -R metrics/fashion_mnist/*/train.json

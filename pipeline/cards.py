@@ -3,12 +3,14 @@
 Hugging Face style: YAML front matter a hub can index (license, task, sizes,
 splits, data files), then prose a stranger needs to trust and load the data —
 where it came from, how it was checked, and the sha256 of every file.
-Rendered from the stats dict alone, so the card says exactly what was written.
+Rendered from the stats dict alone (and, for ``dataset_info``, the shards' sizes),
+so the card says exactly what was written.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from advgen.datasets import DatasetSpec
 
@@ -23,6 +25,34 @@ def size_category(n: int) -> str:
         if n < bound:
             return label
     return "1M<n<10M"
+
+
+def split_bytes(folder: Path, shards: dict[str, list[str]]) -> dict[str, int]:
+    """{split: total bytes of its tar shards in ``folder``}: the ``num_bytes`` of a card's dataset_info."""
+    return {split: sum((Path(folder) / n).stat().st_size for n in names) for split, names in shards.items()}
+
+
+def dataset_info_lines(classes: list[str], counts: dict[str, int], num_bytes: dict[str, int], *,
+                       npy_shape: list[int] | None = None, config_name: str | None = None) -> list[str]:
+    """The YAML lines of a Hugging Face ``dataset_info`` entry for PNG + class-label shards, as ``datasets`` reads it.
+
+    Features: ``png`` (image), ``cls`` (class_label named by ``classes``), ``npy`` (float32 ``npy_shape``
+    array, when stored) and ``__key__`` (string; declared so that ``datasets`` keeps the sample key, which
+    matches the manifests' ``key``). Splits: ``num_examples`` from ``counts`` and ``num_bytes`` (the bytes of
+    the split's tar shards; ``datasets`` ignores a splits list without it). Lines are indented for the value
+    of ``dataset_info:``; with ``config_name`` they form one item of a list (cards with several configs).
+    """
+    lines = [f"- config_name: {config_name}"] if config_name is not None else []
+    lines += ["  features:", "  - name: png", "    dtype: image", "  - name: cls", "    dtype:",
+              "      class_label:", "        names:"]
+    lines += [f"          '{i}': {_q(c)}" for i, c in enumerate(classes)]
+    if npy_shape is not None:
+        lines += ["  - name: npy", "    dtype:", "      array3_d:", "        shape:",
+                  *(f"        - {int(d)}" for d in npy_shape), "        dtype: float32"]
+    lines += ["  - name: __key__", "    dtype: string", "  splits:"]
+    for split, n in counts.items():
+        lines += [f"  - name: {split}", f"    num_bytes: {int(num_bytes[split])}", f"    num_examples: {n}"]
+    return lines
 
 
 def _loading_and_files(spec: DatasetSpec, stats: dict, split: str) -> list[str]:
@@ -123,8 +153,11 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def variant_card(spec: DatasetSpec, stats: dict) -> str:
-    """Markdown card for one generated variant (method, ε) described by ``stats``."""
+def variant_card(spec: DatasetSpec, stats: dict, *, num_bytes: dict[str, int]) -> str:
+    """Markdown card for one generated variant (method, ε) described by ``stats``.
+
+    ``num_bytes``: {split: bytes of its tar shards} (``split_bytes``), for the card's ``dataset_info``.
+    """
     counts = stats["counts"]
     eps = stats["eps"]
     title = f"{spec.title} — {stats['method']}" + (f" ε={eps}" if eps is not None else "")
@@ -149,6 +182,9 @@ def variant_card(spec: DatasetSpec, stats: dict) -> str:
     ]
     for split in stats["shards"]:
         lines += [f"  - split: {split}", f"    path: {_q(split + '-*.tar')}"]
+    lines += ["dataset_info:"]
+    lines += dataset_info_lines(stats.get("classes") or list(spec.classes), counts, num_bytes,
+                                npy_shape=(stats.get("shape") or list(spec.shape)) if stats["store_float"] else None)
     lines += ["advgen:"]
     for key in ("method", "direction", "norm", "eps", "label_source", "seed", "device"):
         lines.append(f"  {key}: {_q(stats[key])}")
@@ -174,8 +210,10 @@ def variant_card(spec: DatasetSpec, stats: dict) -> str:
         "",
         f"- Source: {spec.title}, {spec.homepage} — license `{spec.license}`: {spec.license_note}",
         f"- Victim: `{victim['arch']}`, checkpoint sha256 `{victim['sha256']}`, clean test accuracy "
-        f"{victim['test_accuracy']:.4f}.",
-        f"- Method `{stats['method']}`, parameters {json.dumps(stats['params'], sort_keys=True)}, seed {stats['seed']}.",
+        + (f"{victim['test_accuracy']:.4f}." if victim["test_accuracy"] is not None else "not recorded."),
+        f"- Method `{stats['method']}`, parameters {json.dumps(stats['params'], sort_keys=True)}, seed {stats['seed']}"
+        + (f", batch size {stats['batch_size']} (part of the fingerprint: float results can depend on it)"
+           if "batch_size" in stats else "") + ".",
         f"- Computed on {stats['device']}. Images are stored as PNG rounded to nearest uint8; predictions and "
         "success were measured on the stored images. GPU results are not bit-reproducible across machines; "
         "CPU runs with the same inputs are byte-identical.",
@@ -202,6 +240,25 @@ def variant_card(spec: DatasetSpec, stats: dict) -> str:
         "prediction and confidence (and top-5 classes with more than 5 classes), success, ‖δ‖∞, ‖δ‖₂"
         + (", DeepFool's ‖r‖₂, iterations and convergence" if stats["method"] == "deepfool" else "") + ".",
     ]
-    lines += _loading_and_files(spec, stats, "test" if "test" in stats["shards"] else next(iter(stats["shards"])))
+    first = "test" if "test" in stats["shards"] else next(iter(stats["shards"]))
+    lines += [
+        "",
+        "With Hugging Face `datasets` (labels as `ClassLabel` with the class names) the images and the "
+        "manifests load from this folder; both follow the shards in key order, so they join row by row:",
+        "",
+        "```python",
+        "from datasets import concatenate_datasets, load_dataset",
+        "folder = 'path/to/this/folder'  # not '.': datasets names a dataset after its folder",
+        f"images = load_dataset(folder, split='{first}')",
+        f"results = load_dataset(folder, data_files={{'{first}': '{first}-*.parquet'}}, split='{first}')",
+        "assert images['__key__'] == results['key']",
+        "both = concatenate_datasets([images, results], axis=1)",
+        "```",
+        "",
+        f"With pandas: `pd.read_parquet('{stats['shards'][first][0].removesuffix('.tar')}.parquet')` for one manifest, "
+        f"`pd.concat([pd.read_parquet(p) for p in sorted(glob.glob('{first}-*.parquet'))], ignore_index=True)` "
+        "for a split (`pd.read_parquet` of the folder fails: it also holds the tars and this card).",
+    ]
+    lines += _loading_and_files(spec, stats, first)
     lines.append("")
     return "\n".join(lines)

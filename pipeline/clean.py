@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from advgen.cards import clean_card
-from advgen.datasets import SPLITS, DatasetSpec, Source
+from advgen.datasets import SPLITS, DatasetSpec, Source, spec_record
 from advgen.errors import BadParameter, CorruptFile
 from advgen.outputs import check_replaceable, clean_stale, recover, replace_dir, staging_path
 from advgen.shards import (
@@ -113,9 +113,11 @@ def write_clean(
                 "verification": source.verification,
                 "content_sha256": source.content_sha256,
                 "files_md5": {Path(p).name: m for p, m in sorted(source.files.items())},
+                **({"origin": source.origin} if source.origin else {}),
             },
             "license": spec.license,
             "versions": versions(),
+            **spec_record(spec),  # a dataset its user brought: what later stages rebuild its spec from
         }
         write_text(staging / "README.md", clean_card(spec, stats))
         write_json(staging / STATS, stats)  # last: marks the folder complete

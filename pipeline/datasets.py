@@ -17,13 +17,14 @@ which check it passed.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 
-from advgen.errors import CorruptFile, DatasetNotFound, unknown
+from advgen.errors import BadParameter, CorruptFile, DatasetNotFound, unknown
 from advgen.formats import read_cifar_batches, read_idx, read_svhn_mat
 from advgen.shards import file_digest
 
@@ -258,6 +259,78 @@ def get_dataset(name: str) -> DatasetSpec:
         raise unknown("dataset", name, DATASETS) from None
 
 
+# Datasets a user brings (``advgen prepare --from-folder/--from-hf``) are not registered: their clean
+# folder's stats record these spec fields, and later stages rebuild the spec from the stats (``spec_for``).
+SPEC_FIELDS: tuple[str, ...] = ("title", "license", "license_note", "homepage", "citation", "crop_pad", "flip")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a folder name and an unquoted YAML scalar in cards
+_LICENSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")  # SPDX-style ids: mit, cc-by-4.0, other, unknown
+
+
+def _no_files(paths: dict[str, Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    raise DatasetNotFound("a dataset its user brought has no original distribution files to read")
+
+
+NO_LAYOUT = Layout(files={}, read=_no_files)
+
+
+def user_spec(name: str, *, shape: tuple[int, int, int] | list[int], classes: tuple[str, ...] | list[str],
+              counts: dict[str, int], title: str | None = None, license: str = "unknown", license_note: str = "",
+              homepage: str = "", citation: str = "", crop_pad: int = 2, flip: bool = False) -> DatasetSpec:
+    """The spec of a dataset that is not registered, described by its data; ``BadParameter`` if malformed.
+
+    ``name`` is lowercase letters, digits, ``_`` and ``-`` and not a registered name; ``shape`` is
+    (C, H, W) with C 1 or 3; at least two distinct class names; ``crop_pad``/``flip`` are the
+    augmentation ``advgen train`` applies.
+    """
+    if name in DATASETS:
+        raise BadParameter(f"--dataset {name} is a registered dataset; give your own dataset a name of its own")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise BadParameter(f"dataset name {name!r}: use lowercase letters, digits, _ and - (at most 64)")
+    if not isinstance(license, str) or not _LICENSE.fullmatch(license):
+        raise BadParameter(f"license {license!r}: give an SPDX-style id such as mit, cc-by-4.0, other or unknown")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(type(s) is int for s in shape)
+            and shape[0] in (1, 3) and all(0 < s <= 4096 for s in shape)):
+        raise BadParameter(f"dataset {name}: shape {shape!r} is not (C, H, W) with C 1 or 3")
+    if not (isinstance(classes, (list, tuple)) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise BadParameter(f"dataset {name}: classes must be at least two distinct names, got {classes!r}")
+    if not (isinstance(counts, dict) and all(isinstance(n, int) and n >= 0 for n in counts.values())):
+        raise BadParameter(f"dataset {name}: counts {counts!r} is not a {{split: count}} object")
+    if type(crop_pad) is not int or not 0 <= crop_pad < min(shape[1:]) or type(flip) is not bool:
+        raise BadParameter(f"dataset {name}: crop_pad must be an integer in [0, {min(shape[1:])}) and flip a "
+                           f"boolean, got {crop_pad!r} and {flip!r}")
+    if not all(isinstance(v, str) for v in (title or name, license_note, homepage, citation)):
+        raise BadParameter(f"dataset {name}: title, license_note, homepage and citation must be text")
+    return DatasetSpec(
+        name=name, title=title or name, shape=(shape[0], shape[1], shape[2]), classes=tuple(classes),
+        counts=dict(counts), license=license,
+        license_note=license_note or "No license was stated when this copy was prepared; check the source's terms.",
+        homepage=homepage or "none given", citation=citation or "none given", layout=NO_LAYOUT,
+        torchvision_class="", file_md5={}, crop_pad=crop_pad, flip=flip,
+    )
+
+
+def spec_record(spec: DatasetSpec) -> dict:
+    """What stats record so ``spec_for`` can rebuild ``spec``: nothing for a registered dataset."""
+    return {} if spec.name in DATASETS else {k: getattr(spec, k) for k in SPEC_FIELDS}
+
+
+def spec_for(stats: dict) -> DatasetSpec:
+    """The spec of the dataset a clean or variant folder's stats name: registered, or rebuilt from the stats.
+
+    For a dataset that is not registered the stats must carry shape and classes (and, written by
+    advgen, ``SPEC_FIELDS``); ``UnknownName`` when they do not, ``BadParameter`` when malformed.
+    """
+    name = stats.get("dataset")
+    if name in DATASETS:
+        return DATASETS[name]
+    if not isinstance(name, str) or "shape" not in stats or "classes" not in stats:
+        raise unknown("dataset", str(name), DATASETS)
+    counts = stats.get("full_counts", stats.get("counts"))
+    return user_spec(name, shape=stats["shape"], classes=stats["classes"], counts=counts,
+                     **{k: stats[k] for k in SPEC_FIELDS if k in stats})
+
+
 @dataclass
 class Source:
     """A decoded, checked dataset: both splits in memory plus where they came from."""
@@ -268,6 +341,7 @@ class Source:
     files: dict[str, str]  # path -> md5
     content_sha256: dict[str, str]  # split -> sha256 of decoded images then labels
     verification: Verification
+    origin: dict = field(default_factory=dict)  # a dataset its user brought: where it came from
 
 
 def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:

@@ -205,6 +205,28 @@ def curve_rows(results: dict[str, dict], split: str) -> tuple[list[dict], list[d
     return [adv[k] for k in sorted(adv)], [coop[k] for k in sorted(coop)]
 
 
+def summarize_results(results: dict[str, dict], split: str, *, victim: dict) -> dict:
+    """The headline numbers of ``results`` (``evaluate_variant`` summaries by name) on ``split``, for ``dvc metrics``.
+
+    Small on purpose: per variant its accuracy and its success rate (adversarial) or error-rate
+    reduction (cooperative); every other figure stays in the full results file.
+    """
+    variants = {}
+    clean = None
+    for name, r in results.items():
+        s = r["splits"].get(split)
+        if s is None:
+            continue
+        clean = s["clean_accuracy"]
+        head = {"accuracy": s["accuracy"]}
+        if r["direction"] == "adversarial":
+            head["success_rate"] = s["success_rate"]
+        else:
+            head["error_rate_reduction"] = s["error_rate_reduction"]
+        variants[name] = head
+    return {"victim": victim["arch"], "split": split, "clean_accuracy": clean, "variants": variants}
+
+
 def check_thresholds(values: list[float]) -> tuple[float, float] | None:
     """``[]`` (terciles) or two thresholds 0 <= low <= high <= 1."""
     if not values:

@@ -337,7 +337,7 @@ def read_images(paths: list[Path], *, shape: tuple[int, int, int] | list[int] | 
                                         f"expected {'x'.join(map(str, want))} uint8")
             raw = members["cls"].strip()
             if not raw.isdigit() or len(raw) > 9:
-                raise CorruptFile(path, f"sample {key}: label {raw[:20]!r} is not a class index")
+                raise CorruptFile(path, f"sample {key}: label {raw[:20].decode('ascii', 'replace')!r} is not a class index")
             label = int(raw)
             if num_classes is not None and label >= num_classes:
                 raise CorruptFile(path, f"sample {key}: label {label} is outside [0, {num_classes})")

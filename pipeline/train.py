@@ -69,7 +69,8 @@ _DATASET_EPOCHS = {"mnist": 5, "fashion_mnist": 8, "cifar10": 30, "cifar100": 40
 
 def default_recipe(victim: str, dataset: str) -> Recipe:
     """The recipe applied when no flag overrides it."""
-    return Recipe(epochs=_DATASET_EPOCHS[dataset], **_VICTIM_RECIPE[victim])
+    # 10 epochs for a dataset its user brought (prepare --from-folder/--from-hf), as for SVHN.
+    return Recipe(epochs=_DATASET_EPOCHS.get(dataset, 10), **_VICTIM_RECIPE[victim])
 
 
 @dataclass

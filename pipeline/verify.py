@@ -5,7 +5,9 @@ carries three descriptions of itself: ``_stats.json`` (counts, shard lists,
 sha256 of every file), the ``README.md`` card (YAML front matter plus a
 sha256 table) and the shards themselves. ``verify_folder`` checks that the
 three agree and returns every disagreement as a sentence naming the file (and
-sample key) and what was expected against what was found.
+sample key) and what was expected against what was found. A root written by
+``advgen publish`` (a root card and ``SHA256SUMS``, no stats) is checked
+against its ``SHA256SUMS``; the folders below it are checked on their own.
 
 Read-only and safe on untrusted data: nothing is unpickled (``.npy`` members
 load with ``allow_pickle=False``, the card's YAML with ``safe_load``) and
@@ -31,13 +33,18 @@ import yaml
 from PIL import Image
 
 from advgen.cards import size_category
-from advgen.datasets import DATASETS, DatasetSpec
-from advgen.errors import CorruptFile
+from advgen.datasets import DATASETS, DatasetSpec, spec_for
+from advgen.errors import AdvgenError, CorruptFile
 from advgen.shards import STATS, decode_png, file_digest, iter_tar
 from advgen.variants import FINGERPRINT_KEY, TAR_SHA_KEY, format_eps
 
 CARD = "README.md"
 KINDS = ("clean", "variant")
+SUMS = "SHA256SUMS"  # beside a root card written by advgen publish, in the format `sha256sum -c` reads
+PUBLISHED = "published"  # advgen.kind in the front matter of such a root card
+_SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
+_GLOB_PART = re.compile(r"[A-Za-z0-9_*][A-Za-z0-9_.=*-]*")
 SAMPLE_PROBLEMS = 5  # per shard; a shard that is wrong everywhere says so once, not 60000 times
 # What Pillow raises on damaged PNGs (bad chunks, truncated zlib streams, bomb-sized headers).
 _PNG_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error, Image.DecompressionBombError)
@@ -79,6 +86,10 @@ def find_folders(root: Path) -> list[Path]:
 
 def describe(folder: Path) -> str:
     """One line saying what a folder holds, from its stats: "variant mnist fgsm eps=0.1, test 200"."""
+    front = None if os.path.lexists(Path(folder) / STATS) else published_card(folder)
+    if front is not None:
+        configs = front.get("configs")
+        return f"published root, {len(configs) if isinstance(configs, list) else 0} config(s), {SUMS}"
     try:
         stats = json.loads((Path(folder) / STATS).read_text())
         what = f"{stats['kind']} {stats['dataset']}"
@@ -100,19 +111,23 @@ def verify_folder(folder: Path, *, deep: bool = True) -> list[str]:
     dataset's shape and a ``.cls`` in [0, classes), and nothing but
     ``.png``/``.cls``/``.npy``; keys ascend; per-split counts match the stats;
     each manifest's keys (and labels, png hashes where recorded) match its tar.
+    A variant card's ``dataset_info`` must name the dataset's classes and give each split's count and bytes.
+    A published root (``advgen publish``): see ``_published_problems``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder}: no such folder"]
     problems: list[str] = []
     card = _read_card(folder, problems)
+    if card is not None and _is_published(card[0]) and not os.path.lexists(folder / STATS):
+        return problems + _published_problems(folder, card[0])
     stats = _read_stats(folder, problems)
     if stats is None:
         return problems
-    spec = DATASETS[stats["dataset"]]
+    spec = spec_for(stats)
     problems += _stats_consistency(folder, stats)
     if card is not None:
-        problems += _card_problems(card, stats, spec)
+        problems += _card_problems(card, stats, spec, folder)
     problems += _file_problems(folder, stats)
     if deep:
         problems += _content_problems(folder, stats, spec)
@@ -124,6 +139,9 @@ def verify_folder(folder: Path, *, deep: bool = True) -> list[str]:
 def _read_stats(folder: Path, problems: list[str]) -> dict | None:
     """The stats if they parse and have the shape every later check relies on; else None (problems noted)."""
     path = folder / STATS
+    if path.is_symlink():
+        problems.append(f"{STATS}: is a symbolic link; verify never follows links")
+        return None
     if not path.is_file():
         problems.append(f"{STATS}: missing (written last by advgen: the folder is incomplete or not advgen's)")
         return None
@@ -139,7 +157,11 @@ def _read_stats(folder: Path, problems: list[str]) -> dict | None:
     if stats.get("kind") not in KINDS:
         bad.append(f"kind is {stats.get('kind')!r}, expected one of {', '.join(KINDS)}")
     if stats.get("dataset") not in DATASETS:
-        bad.append(f"dataset is {stats.get('dataset')!r}, expected one of {', '.join(sorted(DATASETS))}")
+        try:  # a dataset its user brought: the stats describe it (shape, classes, ...)
+            spec_for(stats)
+        except AdvgenError as e:
+            bad.append(f"dataset is {stats.get('dataset')!r}, not one of {', '.join(sorted(DATASETS))}, and the "
+                       f"stats do not describe it ({e})")
     counts, shards, sha = stats.get("counts"), stats.get("shards"), stats.get("sha256")
     if not (isinstance(counts, dict) and counts and all(isinstance(n, int) and n >= 0 for n in counts.values())):
         bad.append("counts is not a {split: count} object")
@@ -205,6 +227,9 @@ def _stats_consistency(folder: Path, stats: dict) -> list[str]:
 def _read_card(folder: Path, problems: list[str]) -> tuple[dict, str] | None:
     """(front matter, full text) of the card, or None (problems noted)."""
     path = folder / CARD
+    if path.is_symlink():
+        problems.append(f"{CARD}: is a symbolic link; verify never follows links")
+        return None
     if not path.is_file():
         problems.append(f"{CARD}: missing (every advgen folder carries its card)")
         return None
@@ -251,7 +276,7 @@ def _short(value: object) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _card_problems(card: tuple[dict, str], stats: dict, spec: DatasetSpec) -> list[str]:
+def _card_problems(card: tuple[dict, str], stats: dict, spec: DatasetSpec, folder: Path) -> list[str]:
     front, text = card
     out = []
 
@@ -283,6 +308,7 @@ def _card_problems(card: tuple[dict, str], stats: dict, spec: DatasetSpec) -> li
             classes = None
         check("class names", classes, stats.get("classes", list(spec.classes)))
     else:
+        out += _dataset_info_problems(front.get("dataset_info"), stats, spec, folder)
         block = front.get("advgen")
         if not isinstance(block, dict):
             out.append(f"{CARD}: no advgen block in the front matter (method, eps, victim, ...)")
@@ -312,6 +338,122 @@ def _card_problems(card: tuple[dict, str], stats: dict, spec: DatasetSpec) -> li
     return out
 
 
+def _dataset_info_problems(info: object, stats: dict, spec: DatasetSpec, folder: Path) -> list[str]:
+    """A variant card's ``dataset_info`` (what Hugging Face ``datasets`` reads) against the dataset and the folder.
+
+    Features png (image), cls (class_label with the dataset's class names), npy (float32 of the dataset's
+    shape, when stored), __key__ (string), in that order; per split num_examples from the stats and
+    num_bytes equal to the bytes of the split's tar shards.
+    """
+    if not isinstance(info, dict):
+        return [f"{CARD}: no dataset_info in the front matter (features and splits for Hugging Face datasets; "
+                "rerun advgen generate to rewrite an older card)"]
+    out = []
+    features = info.get("features") if isinstance(info.get("features"), list) else []
+    dtypes = {f["name"]: f.get("dtype") for f in features if isinstance(f, dict) and isinstance(f.get("name"), str)}
+    want = ["png", "cls"] + (["npy"] if stats.get("store_float") else []) + ["__key__"]
+    names = [f.get("name") if isinstance(f, dict) else None for f in features]
+    if names != want:
+        out.append(f"{CARD}: dataset_info features are {_short(names)}, expected {_short(want)}")
+    for name, dtype in (("png", "image"), ("__key__", "string"),
+                        ("npy", {"array3_d": {"shape": list(spec.shape), "dtype": "float32"}})):
+        if name in want and name in dtypes and not _same(dtypes[name], dtype):
+            out.append(f"{CARD}: dataset_info feature {name} has dtype {_short(dtypes[name])}, "
+                       f"expected {_short(dtype)}")
+    try:
+        labels = dtypes["cls"]["class_label"]["names"]
+        classes = [labels[k] for k in sorted(labels, key=int)]
+        if sorted(int(k) for k in labels) != list(range(len(labels))):
+            classes = None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        classes = None
+    if classes != list(spec.classes):
+        out.append(f"{CARD}: class names in dataset_info are {_short(classes)}, {spec.name} has "
+                   f"{_short(list(spec.classes))}")
+    try:
+        card_splits = {s["name"]: {"num_examples": s["num_examples"], "num_bytes": s["num_bytes"]}
+                       for s in info["splits"]}
+    except (KeyError, TypeError):
+        card_splits = None
+    tars = [n for split in stats["shards"].values() for n in split]
+    if all(_plain_name(n) and (folder / n).is_file() for n in tars):  # a missing shard is reported elsewhere
+        sizes = {s: sum((folder / n).stat().st_size for n in split) for s, split in stats["shards"].items()}
+        want_splits = {s: {"num_examples": stats["counts"].get(s), "num_bytes": sizes[s]} for s in stats["shards"]}
+        if not _same(card_splits, want_splits):
+            out.append(f"{CARD}: dataset_info splits are {_short(card_splits)}, expected {_short(want_splits)} "
+                       f"(num_examples from {STATS}, num_bytes of the tar shards)")
+    return out
+
+
+# --- published roots -----------------------------------------------------------------------------------------------
+
+def _is_published(front: dict) -> bool:
+    block = front.get("advgen")
+    return isinstance(block, dict) and block.get("kind") == PUBLISHED
+
+
+def published_card(folder: Path) -> dict | None:
+    """The front matter of the root card ``advgen publish`` wrote in ``folder``, or None if there is none."""
+    card = _read_card(Path(folder), [])
+    return card[0] if card is not None and _is_published(card[0]) else None
+
+
+def relative_path(path: object, *, glob: bool = False) -> bool:
+    """A relative POSIX path of plain names (as ``advgen.outputs.plain_name``; with ``glob``, ``*`` too)."""
+    part = _GLOB_PART if glob else _PART
+    return isinstance(path, str) and all(part.fullmatch(p) and ".." not in p for p in path.split("/"))
+
+
+def _published_problems(root: Path, front: dict) -> list[str]:
+    """A root written by ``advgen publish``: every file ``SHA256SUMS`` lists has its sha256, the card is
+    among them, and every config's data files exist and are listed. The folders below are checked on their own."""
+    path = root / SUMS
+    if path.is_symlink() or not path.is_file():
+        return [f"{SUMS}: missing (advgen publish writes it beside the root card)"]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        return [f"{SUMS}: unreadable ({e})"]
+    out, listed = [], {}
+    for i, line in enumerate(lines, 1):
+        m = _SUMS_LINE.fullmatch(line)
+        if m is None or not relative_path(m[2]):
+            out.append(f"{SUMS}: line {i} is not '<sha256>  <relative path>': {_short(line)}")
+        elif m[2] in listed:
+            out.append(f"{SUMS}: lists {m[2]} twice")
+        else:
+            listed[m[2]] = m[1]
+    if CARD not in listed:
+        out.append(f"{SUMS}: does not list {CARD}, the root card")
+    for name, want in sorted(listed.items()):
+        file = root / name
+        if file.is_symlink():
+            out.append(f"{name}: is a symbolic link; verify never follows links")
+        elif not file.is_file():
+            out.append(f"{name}: missing (listed in {SUMS})")
+        elif (got := file_digest(file)) != want:
+            out.append(f"{name}: sha256 {got[:12]}… differs from the {want[:12]}… {SUMS} lists")
+    configs = front.get("configs")
+    if not (isinstance(configs, list) and configs):
+        out.append(f"{CARD}: no configs in the front matter")
+    for config in configs if isinstance(configs, list) else []:
+        try:
+            name, files = config["config_name"], [(d["split"], d["path"]) for d in config["data_files"]]
+        except (KeyError, TypeError):
+            out.append(f"{CARD}: a config without config_name and data_files (split, path): {_short(config)}")
+            continue
+        for split, pattern in files:
+            if not relative_path(pattern, glob=True):
+                out.append(f"{CARD}: config {name} {split} reads {_short(pattern)}, not a relative path of plain names")
+                continue
+            matched = sorted(p.relative_to(root).as_posix() for p in root.glob(pattern) if p.is_file())
+            if not matched:
+                out.append(f"{CARD}: config {name} {split} reads {pattern}, which matches no file")
+            for m in (m for m in matched if m not in listed):
+                out.append(f"{CARD}: config {name} {split} reads {m}, which {SUMS} does not list")
+    return out
+
+
 # --- files ---------------------------------------------------------------------------------------------------------
 
 def _file_problems(folder: Path, stats: dict) -> list[str]:
@@ -322,6 +464,10 @@ def _file_problems(folder: Path, stats: dict) -> list[str]:
         if not _plain_name(name):
             continue  # reported by _stats_consistency; never open paths outside the folder
         path = folder / name
+        if path.is_symlink():
+            out.append(f"{name}: is a symbolic link (to {os.readlink(path)}); a shared folder holds its own files, "
+                       "and verify never follows links")
+            continue
         if not path.is_file():
             out.append(f"{name}: missing (listed in {STATS})")
             continue
@@ -339,7 +485,7 @@ def _file_problems(folder: Path, stats: dict) -> list[str]:
     if stats["kind"] == "variant":
         for tar in (n for names in stats["shards"].values() for n in names):
             manifest = folder / (tar.removesuffix(".tar") + ".parquet")
-            if not (_plain_name(tar) and manifest.is_file()):
+            if not (_plain_name(tar) and manifest.is_file()) or manifest.is_symlink():
                 continue
             try:
                 meta = pq.read_schema(manifest).metadata or {}
@@ -380,8 +526,8 @@ def _content_problems(folder: Path, stats: dict, spec: DatasetSpec) -> list[str]
         total, prev = 0, -1
         for name in names:
             path = folder / name
-            if not (_plain_name(name) and path.is_file()):
-                continue  # a missing shard is reported once, by _file_problems
+            if not (_plain_name(name) and path.is_file()) or path.is_symlink():
+                continue  # a missing or linked shard is reported once, by _file_problems
             p = _Limited(name)
             keys, labels, png_sha = [], [], []
             try:
@@ -446,7 +592,7 @@ def _check_sample(key: str, members: dict[str, bytes], p: _Limited, *, allowed: 
 def _manifest_problems(path: Path, tar: str, keys: list[str], labels: list[int | None],
                        png_sha: list[str | None]) -> list[str]:
     """A shard's parquet manifest against what its tar holds: keys in order, labels, png hashes."""
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return []  # reported by _file_problems when listed
     try:
         table = pq.read_table(path)

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from advgen.errors import CheckpointError, unknown
@@ -82,6 +81,8 @@ def _alexnet(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
 
 def _resnet18(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool."""
+    import torchvision  # here, not at the top: importing it costs every advgen process over a second
+
     net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_shape[0], 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
@@ -96,6 +97,8 @@ def _efficientnet_b0(in_shape: tuple[int, int, int], num_classes: int) -> nn.Mod
     both 28 and 32 px) while every MBConv block, width and depth stay as in B0.
     The stem also takes ``C`` input channels (1 for the MNIST family).
     """
+    import torchvision
+
     net = torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes)
     stem = net.features[0][0]
     net.features[0][0] = nn.Conv2d(in_shape[0], stem.out_channels, 3, stride=1, padding=1, bias=False)

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from advgen.stages import defend, evaluate, generate, inspect, prepare, report, retrain, train, transfer, verify  # noqa: F401 - importing registers the commands
+from advgen.stages import (  # noqa: F401 - importing registers the commands
+    defend,
+    evaluate,
+    generate,
+    inspect,
+    prepare,
+    profile,
+    publish,
+    report,
+    retrain,
+    train,
+    transfer,
+    verify,
+)
 from advgen.stages.app import app
 
 

@@ -10,8 +10,17 @@ import typer
 
 from advgen.clean import open_clean
 from advgen.errors import BadParameter
-from advgen.evaluate import check_thresholds, curve_rows, evaluate_variant, find_variants, load_clean, open_variant
-from advgen.shards import file_digest, write_csv, write_json, write_parquet
+from advgen.evaluate import (
+    check_thresholds,
+    curve_rows,
+    evaluate_variant,
+    find_variants,
+    load_clean,
+    open_variant,
+    summarize_results,
+)
+from advgen.models import check_victim_options, victim_sha256
+from advgen.shards import write_csv, write_json, write_parquet
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 
@@ -21,7 +30,16 @@ def evaluate(
     adv: Path = typer.Option(..., help="Folder holding the victim's variants (searched recursively)."),
     clean: Path = typer.Option(..., help="The clean folder the variants were made from."),
     victim_ckpt: Path | None = typer.Option(None, help="If given, every variant must have been made on this victim."),
-    metrics: Path = typer.Option(..., help="Metrics JSON to write."),
+    model_file: Path | None = typer.Option(None, "--model", help="Or: every variant must have been made on this "
+                                           "TorchScript or torch.export (*.pt2) model (as given to generate)."),
+    factory: str | None = typer.Option(None, help="Or: every variant must have been made on this module:callable "
+                                       "model (with --state-dict, as given to generate)."),
+    state_dict: Path | None = typer.Option(None, help="Weights for --factory, as given to generate."),
+    input_shape: str | None = typer.Option(None, help="C,H,W the --model/--factory takes, as given to generate."),
+    num_classes: int | None = typer.Option(None, help="Logits the --model/--factory returns, as given to generate."),
+    metrics: Path = typer.Option(..., help="Full results JSON to write (every figure, every variant and split)."),
+    summary: Path | None = typer.Option(None, help="Headline metrics JSON to write (small, for `dvc metrics`): "
+                                        "per variant its accuracy and success or error reduction on --curve-split."),
     plots: Path = typer.Option(..., help="Folder for the plot tables (accuracy_vs_eps.csv, cooperative_error_vs_eps.csv)."),
     samples: Path = typer.Option(..., help="Per-sample parquet table to write."),
     thresholds: list[float] = typer.Option([], help="Two clean-confidence thresholds low/high; none = terciles."),
@@ -30,13 +48,19 @@ def evaluate(
     """Accuracy, top-5, success, confidence buckets, perceptibility and DeepFool's ρ for every variant."""
     started = time.perf_counter()
     bounds = check_thresholds(thresholds)
+    victim_options = dict(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
+                          input_shape=input_shape, num_classes=num_classes)
+    check_victim_options(**victim_options, required=False)
     clean_stats = open_clean(clean)
     folders = find_variants(adv)
     if not folders:
         raise BadParameter(f"no generated variants under {adv}; run `advgen generate` first")
-    victim_sha = file_digest(victim_ckpt) if victim_ckpt is not None else None
+    victim_sha = victim_sha256(**victim_options, clean_stats=clean_stats,
+                               on_warning=lambda m: log(f"evaluate: warning: {m}"))
     vstats = [open_variant(f, clean_dir=clean, victim_sha256=victim_sha) for f in folders]
     splits = sorted({s for st in vstats for s in st["shards"]})
+    if curve_split not in splits:
+        raise BadParameter(f"--curve-split {curve_split!r} is not a split of these variants ({', '.join(splits)})")
     log(f"evaluate: {len(folders)} variant(s) of {clean_stats['dataset']} ({', '.join(splits)})")
     cache = {s: load_clean(clean, clean_stats, s) for s in splits}
     results, tables = {}, []
@@ -54,6 +78,8 @@ def evaluate(
     write_csv(plots / "cooperative_error_vs_eps.csv", coop_rows, ["series", "method", "eps", "error", "negatives_error"])
     write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "victim": victim, "adv": adv.as_posix(),
                          "clean": clean.as_posix(), "variants": results})
+    if summary is not None:
+        write_json(summary, summarize_results(results, curve_split, victim=victim))
     for name, r in results.items():
         s = r["splits"].get(curve_split) or next(iter(r["splits"].values()))
         print(f"{name}: accuracy {s['accuracy']:.4f} (clean {s['clean_accuracy']:.4f})")

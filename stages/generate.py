@@ -19,18 +19,18 @@ import torch
 import typer
 
 from advgen.attacks import METHODS, check_params, get_method
-from advgen.cards import variant_card
+from advgen.cards import split_bytes, variant_card
 from advgen.clean import open_clean
-from advgen.datasets import get_dataset
+from advgen.datasets import spec_for, spec_record
 from advgen.errors import BadParameter
 from advgen.generate import AttackParams, fingerprint, plan
 from advgen.generate import generate as run_generate
+from advgen.models import check_victim_options, open_victim
 from advgen.outputs import STATS, check_file_target, check_writable
 from advgen.shards import file_digest, write_json
 from advgen.train import resolve_device
 from advgen.variants import finalize
 from advgen.versions import versions
-from advgen.victims import load
 from advgen.stages.app import log, parse_number, stage
 from advgen.stages.progress import bar
 
@@ -41,7 +41,19 @@ def _split_commas(values: list[str]) -> list[str]:
 
 @stage
 def generate(
-    victim_ckpt: Path = typer.Option(..., help="Victim checkpoint (.pt) from `advgen train`."),
+    victim_ckpt: Path | None = typer.Option(None, help="Victim checkpoint (.pt) from `advgen train`; or bring "
+                                            "your own model with --model or --factory."),
+    model_file: Path | None = typer.Option(None, "--model", help="Your own victim: a TorchScript file, or a "
+                                           "torch.export program (*.pt2, dynamic batch dimension). It takes images "
+                                           "in [0, 1] (normalization inside the model) and returns logits."),
+    factory: str | None = typer.Option(None, help="Your own victim built by module:callable (importable, e.g. "
+                                       "from the working folder), returning an nn.Module; see --state-dict."),
+    state_dict: Path | None = typer.Option(None, help="Weights for --factory, loaded with "
+                                           "torch.load(weights_only=True)."),
+    input_shape: str | None = typer.Option(None, help="C,H,W the --model/--factory takes, e.g. 3,32,32; must "
+                                           "be the clean images' shape."),
+    num_classes: int | None = typer.Option(None, help="Logits the --model/--factory returns per image; must be "
+                                           "the clean folder's class count."),
     clean: Path = typer.Option(..., help="Clean folder from `advgen prepare` (same dataset as the victim)."),
     out: Path = typer.Option(..., help="Output root: OUT/<method>/eps=<ε>/{split}-NNNNNN.tar."),
     method: list[str] = typer.Option(..., help=f"Repeatable (or comma-separated). One of: {', '.join(METHODS)}."),
@@ -83,6 +95,8 @@ def generate(
                          target=target, candidates=candidates, overshoot=overshoot, max_iter=max_iter)
     if batch_size < 1 or workers < 0:
         raise BadParameter("--batch-size must be >= 1 and --workers >= 0")
+    check_victim_options(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
+                         input_shape=input_shape, num_classes=num_classes)
     if out.exists() and not out.is_dir():
         raise BadParameter(f"--out {out} is a file, not a folder")
     check_writable(out)
@@ -92,7 +106,7 @@ def generate(
     for s in splits:
         if s not in stats["shards"]:
             raise BadParameter(f"unknown split {s!r}; {clean} has {', '.join(stats['shards'])}")
-    spec = get_dataset(stats["dataset"])
+    spec = spec_for(stats)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -100,8 +114,10 @@ def generate(
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     # Channels-last: faster convolutions on GPUs and (measured in training) on the CPU too.
-    model = load(victim_ckpt, dataset=stats["dataset"], map_location=dev).to(memory_format=torch.channels_last)
-    victim_sha = file_digest(victim_ckpt)
+    model, victim_sha = open_victim(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
+                                    input_shape=input_shape, num_classes=num_classes, clean_stats=stats,
+                                    map_location=dev, on_warning=lambda m: log(f"generate: warning: {m}"))
+    model = model.to(memory_format=torch.channels_last)
     variants = plan(methods, eps_values)
     if world > 1:
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
@@ -111,11 +127,19 @@ def generate(
         f"{model.meta.arch} on {dev}" + (f", rank {rank}/{world}" if world > 1 else ""))
     started = time.perf_counter()
     with bar("generate") as b:
+        made = [0]  # copies written in this run (images x variants), for the images/s on the progress line
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            split, name = what.split(" ", 1)
+            i, size = stats["shards"][split].index(name), stats.get("shard_size", 0)
+            made[0] += min(size, stats["counts"][split] - i * size) * len(variants)
+            b.update(done, total, what, line=done == total, images=made[0] if size else None)
+
         counts = run_generate(
             model, clean=clean, clean_stats=stats, out=out, variants=variants, splits=splits, params=params,
             victim_sha256=victim_sha, device=dev, batch_size=batch_size, workers=workers, store_float=store_float,
             rounding_audit=rounding_audit, rank=rank, world_size=world,
-            on_progress=lambda done, total, what: b.update(done, total, what, line=done == total),
+            on_progress=on_progress,
         )
     if world > 1:
         torch.distributed.barrier()
@@ -132,12 +156,15 @@ def generate(
                 "shape": stats.get("shape"), "classes": stats.get("classes"),
                 "victim": {"arch": model.meta.arch, "dataset": model.meta.dataset, "sha256": victim_sha,
                            "test_accuracy": model.meta.test_accuracy},
+                **spec_record(spec),  # a dataset its user brought: what verify rebuilds its spec from
             }
             fp = fingerprint(v, params, victim_sha256=victim_sha, clean_sha256=clean_sha,
                              store_float=store_float, rounding_audit=rounding_audit, batch_size=batch_size,
                              device=dev.type)
             vstats = finalize(out / v.folder, shards={s: stats["shards"][s] for s in splits}, fingerprint=fp,
-                              stats_base=base, render_card=lambda st: variant_card(spec, st))
+                              stats_base=base,
+                              render_card=lambda st: variant_card(  # finalize calls it at once: v is this loop's
+                                  spec, st, num_bytes=split_bytes(out / v.folder, st["shards"])))
             summary = ", ".join(f"{s} acc {d['accuracy']:.4f} success {d['success_rate']:.4f}"
                                 for s, d in vstats["splits"].items())
             print(f"{out / v.folder}: {summary}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import get_dataset
+from advgen.datasets import spec_for
 from advgen.errors import BadParameter
 from advgen.evaluate import open_variant
 from advgen.retrain import MODES, assess, check_mode, mix, online_attack
@@ -58,7 +58,7 @@ def retrain(
     for split in ("train", "test"):
         if split not in vstats["shards"]:
             raise BadParameter(f"{adv} has no {split!r} split; retraining needs both (generate with --split train --split test)")
-    spec = get_dataset(clean_stats["dataset"])
+    spec = spec_for(clean_stats)
     t = victim.meta.train
     recipe = Recipe(epochs=epochs or t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                     weight_decay=t.get("weight_decay", 5e-4), label_smoothing=t.get("label_smoothing", 0.0))

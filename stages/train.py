@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import DATASETS, get_dataset
+from advgen.datasets import DATASETS, get_dataset, spec_for
 from advgen.errors import unknown
 from advgen.outputs import check_file_target
 from advgen.shards import STATS, write_json
@@ -24,7 +24,8 @@ from advgen.stages.progress import bar
 
 @stage
 def train(
-    dataset: str = typer.Option(..., help=f"One of: {', '.join(DATASETS)}."),
+    dataset: str = typer.Option(..., help=f"One of: {', '.join(DATASETS)}, or the name of a dataset you prepared "
+                                "with --from-folder/--from-hf."),
     victim: str = typer.Option(..., help=f"One of: {', '.join(VICTIMS)}."),
     clean: Path = typer.Option(..., help="Clean shard folder written by `advgen prepare`."),
     out: Path = typer.Option(..., help="Checkpoint to write (.pt)."),
@@ -38,7 +39,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train VICTIM on DATASET; write the checkpoint and a metrics JSON."""
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset) if dataset in DATASETS else spec_for(open_clean(clean, dataset=dataset, verify=False))
     if victim not in VICTIMS:
         raise unknown("victim", victim, VICTIMS)
     overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

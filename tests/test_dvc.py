@@ -1,13 +1,13 @@
 """``dvc repro`` of a tiny profile in a temporary git repository, laid out like demo/.
 
-The profile folder holds a params.yaml and a dvc.yaml that links to the
-project's dvc.yaml, exactly as demo/ does, so this runs the real pipeline file.
+The profile folder holds a params.yaml, and ``advgen profile`` writes its
+dvc.yaml from the project's dvc.yaml and makes it a DVC project of its own,
+exactly as demo/ is made, so this runs the real pipeline file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +16,6 @@ import pytest
 from conftest import ROOT, copy_project
 
 TINY = """\
-code: ..
 seed: 0
 device: cpu
 prepare:
@@ -89,6 +88,13 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     return proc.stdout + proc.stderr
 
 
+def _json(cmd: list[str], cwd: Path, env: dict) -> dict:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    assert "WARNING" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def make_tiny_repo(tmp_path: Path, mirror: Path, cli_env: dict, *, epochs: int) -> tuple[Path, Path, dict]:
     """A git + DVC repository holding this checkout's code and a ``tiny`` profile laid out like demo/.
 
@@ -99,13 +105,13 @@ def make_tiny_repo(tmp_path: Path, mirror: Path, cli_env: dict, *, epochs: int) 
     copy_project(repo)
     profile = repo / "tiny"
     profile.mkdir()
-    os.symlink("../dvc.yaml", profile / "dvc.yaml")
     (profile / "params.yaml").write_text(TINY.replace("EPOCHS", str(epochs)))
     env = {**cli_env, "ADVGEN_MIRROR": str(mirror), "PYTHONPATH": str(repo)}
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # parsing.list/bool, no analytics
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the `series` plot template
+    _run(["advgen", "profile", "tiny"], repo, env)  # tiny/dvc.yaml and tiny/.dvc/, as `make profiles` does
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
     return repo, profile, env
@@ -154,17 +160,65 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     assert "prepare@mnist" in lock and "train@mnist-mlp" in lock and "../pipeline/train.py" in lock
     assert "train.mnist-mlp:" in lock and "prepare.limit: 200" in lock  # params tracked, for `dvc params diff`
 
-    assert "up to date" in _run(["dvc", "status", "dvc.yaml"], profile, env)
+    assert "up to date" in _run(["dvc", "status"], profile, env)  # the profile sees only its own stages
     assert "didn't change, skipping" in _run(["dvc", "repro"], profile, env)
-    shown = _run(["dvc", "metrics", "show", "--json"], profile, env)
-    assert "test_accuracy" in shown
+    shown = _json(["dvc", "metrics", "show", "--json"], profile, env)
+    files = {f for rev in shown.values() for f in rev.get("data", {})}
+    assert files and all(not f.startswith("..") for f in files) and "metrics/mnist/mlp/train.json" in files
+    assert "metrics/mnist/mlp/summary.json" in files  # headline numbers only; full results stay out of it
+    assert not any(f.endswith(("evaluate.json", "transfer.json", "defend.json")) for f in files)
+    summary = json.loads((profile / "metrics/mnist/mlp/summary.json").read_text())
+    assert summary["variants"]["fast/fgsm/eps=0.1"]["accuracy"] == \
+        evaluation["variants"]["fast/fgsm/eps=0.1"]["splits"]["test"]["accuracy"]
+    root_status = _run(["dvc", "status"], profile.parent, env)
+    assert "tiny/" not in root_status and "cifar10" in root_status  # the root study sees its own stages only
+    repo = profile.parent
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny run 1"], repo, env)
 
     # A changed recipe reruns training only; the clean shards stay as they are.
     (profile / "params.yaml").write_text(TINY.replace("EPOCHS", "1"))
-    status = _run(["dvc", "status", "dvc.yaml"], profile, env)
+    status = _run(["dvc", "status"], profile, env)
     assert "train@mnist-mlp" in status and "prepare@mnist" not in status
     assert "train.mnist-mlp" in status  # reported as a modified param
+    # Stale results nobody declares any more must not break (or enter) the report.
+    ghost = profile / "metrics" / "mnist" / "ghost"
+    ghost.mkdir()
+    (ghost / "evaluate.json").write_text("{}")
     # Retraining changes the victim, so generation reruns; persisted shards with the old
     # victim's fingerprint are recomputed, never reused.
     rerun = _run(["dvc", "repro"], profile, env)
     assert "generate: 32 shard(s) computed, 0 already done" in rerun  # 4 variants x 8 test shards
+    assert "ghost" not in (profile / "reports" / "README.md").read_text()
+    shutil.rmtree(ghost)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny run 2"], repo, env)
+
+    # DVC's experiment views work across revisions in the profile (its dvc.yaml is a real file).
+    diff = _json(["dvc", "params", "diff", "HEAD~1", "HEAD", "--json"], profile, env)
+    assert diff["params.yaml"]["train.mnist-mlp.epochs"] == {"old": 2, "new": 1, "diff": -1}
+    metrics = _json(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], profile, env)
+    assert "metrics/mnist/mlp/train.json" in metrics
+    exp = _run(["dvc", "exp", "show", "--no-pager", "-A", "--csv"], profile, env)
+    assert "WARNING" not in exp and "failed" not in exp.lower(), exp
+    assert exp.count("\n") >= 3  # the workspace and both commits, each with params and metrics
+
+
+def committed_profiles() -> list[Path]:
+    """Every profile folder of this checkout: a params.yaml beside a .dvc/ folder, below the root."""
+    return sorted(p.parent for p in ROOT.glob("**/params.yaml")
+                  if p.parent != ROOT and (p.parent / ".dvc").is_dir() and ".venv" not in p.parts)
+
+
+def test_committed_profiles_are_generated_from_the_current_template(monkeypatch):
+    from typer.testing import CliRunner
+
+    from advgen.stages.cli import app
+
+    profiles = committed_profiles()
+    assert ROOT / "demo" in profiles
+    for p in profiles:
+        assert not (p / "dvc.yaml").is_symlink(), f"{p}/dvc.yaml must be a real file (DVC cannot read links at revisions)"
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(app, ["profile", *(str(p.relative_to(ROOT)) for p in profiles), "--check"])
+    assert result.exit_code == 0, f"stale profile files; run `make profiles`:\n{result.stdout}"
