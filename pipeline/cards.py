@@ -97,20 +97,7 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
     ]
     for split in stats["shards"]:
         lines += [f"  - split: {split}", f"    path: {_q(split + '-*.tar')}"]
-    lines += [
-        "dataset_info:",
-        "  features:",
-        "  - name: png",
-        "    dtype: image",
-        "  - name: cls",
-        "    dtype:",
-        "      class_label:",
-        "        names:",
-    ]
-    lines += [f"          '{i}': {_q(c)}" for i, c in enumerate(spec.classes)]
-    lines += ["  splits:"]
-    for split, n in counts.items():
-        lines += [f"  - name: {split}", f"    num_examples: {n}"]
+    lines += ["dataset_info:", *dataset_info_lines(list(spec.classes), counts, stats["num_bytes"])]
     lines += ["---", ""]
 
     src = stats["source"]
@@ -131,7 +118,8 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
         f"- License: `{spec.license}` — {spec.license_note}",
         f"- Citation: {spec.citation}",
         f"- Checked by: {src['verification']}. Every split also passed count, shape and label-range checks.",
-        "- Source files (md5): " + ", ".join(f"`{n}` {m}" for n, m in src["files_md5"].items()),
+        ("- Source files (md5): " + ", ".join(f"`{n}` {m}" for n, m in src["files_md5"].items())
+         if src["files_md5"] else f"- Source: {src.get('origin', 'brought by its user')}"),
         "- Decoded content sha256 (images NHWC uint8, then labels uint8): "
         + ", ".join(f"{s} `{d}`" for s, d in src["content_sha256"].items()),
         "",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from advgen.cards import clean_card
+from advgen.cards import clean_card, split_bytes
 from advgen.datasets import SPLITS, DatasetSpec, Source, spec_record
 from advgen.errors import BadParameter, CorruptFile
 from advgen.outputs import check_replaceable, clean_stale, recover, replace_dir, staging_path
@@ -44,7 +44,7 @@ from advgen.shards import (
 from advgen.versions import versions
 
 MIN_SHARDS = 8  # later stages split work by shard: world_size x workers needs enough of them
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Progress = Callable[[str, int, int], None]  # (split, shards done, shards total)
 
@@ -119,6 +119,7 @@ def write_clean(
             "versions": versions(),
             **spec_record(spec),  # a dataset its user brought: what later stages rebuild its spec from
         }
+        stats["num_bytes"] = split_bytes(staging, shards)
         write_text(staging / "README.md", clean_card(spec, stats))
         write_json(staging / STATS, stats)  # last: marks the folder complete
         replace_dir(staging, out)

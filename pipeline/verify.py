@@ -295,20 +295,8 @@ def _card_problems(card: tuple[dict, str], stats: dict, spec: DatasetSpec, folde
         card_splits = None
     check("configs data_files", card_splits, {s: f"{s}-*.tar" for s in stats["shards"]})
 
-    if stats["kind"] == "clean":
-        try:
-            card_counts = {d["name"]: d["num_examples"] for d in front["dataset_info"]["splits"]}
-        except (KeyError, TypeError):
-            card_counts = None
-        check("dataset_info splits (num_examples)", card_counts, stats["counts"])
-        try:
-            names = front["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
-            classes = [names[k] for k in sorted(names, key=int)]
-        except (KeyError, IndexError, TypeError, ValueError):
-            classes = None
-        check("class names", classes, stats.get("classes", list(spec.classes)))
-    else:
-        out += _dataset_info_problems(front.get("dataset_info"), stats, spec, folder)
+    out += _dataset_info_problems(front.get("dataset_info"), stats, spec, folder)
+    if stats["kind"] == "variant":
         block = front.get("advgen")
         if not isinstance(block, dict):
             out.append(f"{CARD}: no advgen block in the front matter (method, eps, victim, ...)")
@@ -339,7 +327,7 @@ def _card_problems(card: tuple[dict, str], stats: dict, spec: DatasetSpec, folde
 
 
 def _dataset_info_problems(info: object, stats: dict, spec: DatasetSpec, folder: Path) -> list[str]:
-    """A variant card's ``dataset_info`` (what Hugging Face ``datasets`` reads) against the dataset and the folder.
+    """A card's ``dataset_info`` (what Hugging Face ``datasets`` reads) against the dataset and the folder.
 
     Features png (image), cls (class_label with the dataset's class names), npy (float32 of the dataset's
     shape, when stored), __key__ (string), in that order; per split num_examples from the stats and
@@ -347,11 +335,11 @@ def _dataset_info_problems(info: object, stats: dict, spec: DatasetSpec, folder:
     """
     if not isinstance(info, dict):
         return [f"{CARD}: no dataset_info in the front matter (features and splits for Hugging Face datasets; "
-                "rerun advgen generate to rewrite an older card)"]
+                "rerun advgen prepare or generate to rewrite an older card)"]
     out = []
     features = info.get("features") if isinstance(info.get("features"), list) else []
     dtypes = {f["name"]: f.get("dtype") for f in features if isinstance(f, dict) and isinstance(f.get("name"), str)}
-    want = ["png", "cls"] + (["npy"] if stats.get("store_float") else []) + ["__key__"]
+    want = ["png", "cls"] + (["npy"] if stats["kind"] == "variant" and stats.get("store_float") else []) + ["__key__"]
     names = [f.get("name") if isinstance(f, dict) else None for f in features]
     if names != want:
         out.append(f"{CARD}: dataset_info features are {_short(names)}, expected {_short(want)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from importlib import metadata
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _dist(name: str) -> str:

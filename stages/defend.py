@@ -15,6 +15,7 @@ from advgen.evaluate import open_variant
 from advgen.shards import read_split, write_csv, write_json
 from advgen.train import resolve_device
 from advgen.victims import load
+from advgen.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 
 
@@ -38,6 +39,8 @@ def defend(
     """Accuracy of original and retrained victims behind each defense, on clean, stored and adaptive attacks."""
     started = time.perf_counter()
     dev = resolve_device(device)
+    check_file_target(metrics, "--metrics")
+    check_writable(plots)
     clean_stats = open_clean(clean)
     model = load(victim_ckpt, dataset=clean_stats["dataset"])
     side = model.meta.input_shape[1]  # images are square in every registered dataset

@@ -21,6 +21,7 @@ from advgen.evaluate import (
 )
 from advgen.models import check_victim_options, victim_sha256
 from advgen.shards import write_csv, write_json, write_parquet
+from advgen.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 
@@ -47,6 +48,10 @@ def evaluate(
 ) -> None:
     """Accuracy, top-5, success, confidence buckets, perceptibility and DeepFool's ρ for every variant."""
     started = time.perf_counter()
+    for path, flag in ((metrics, "--metrics"), (samples, "--samples"), (summary, "--summary")):
+        if path is not None:
+            check_file_target(path, flag)
+    check_writable(plots)
     bounds = check_thresholds(thresholds)
     victim_options = dict(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
                           input_shape=input_shape, num_classes=num_classes)

@@ -23,7 +23,7 @@ from advgen.cards import split_bytes, variant_card
 from advgen.clean import open_clean
 from advgen.datasets import spec_for, spec_record
 from advgen.errors import BadParameter
-from advgen.generate import AttackParams, fingerprint, plan
+from advgen.generate import FORMAT_VERSION, AttackParams, fingerprint, plan
 from advgen.generate import generate as run_generate
 from advgen.models import check_victim_options, open_victim
 from advgen.outputs import STATS, check_file_target, check_writable
@@ -149,7 +149,7 @@ def generate(
         for v in variants:
             m = METHODS[v.method]
             base = {
-                "format_version": 1, "dataset": stats["dataset"], "method": v.method, "eps": v.eps,
+                "format_version": FORMAT_VERSION, "dataset": stats["dataset"], "method": v.method, "eps": v.eps,
                 "norm": m.norm, "direction": m.direction, "label_source": label_source, "seed": seed,
                 "params": params.relevant(v.method), "store_float": store_float, "rounding_audit": rounding_audit,
                 "device": dev.type, "batch_size": batch_size, "versions": versions(), "clean_stats_sha256": clean_sha,

@@ -15,6 +15,7 @@ from advgen.errors import BadParameter, CorruptFile
 from advgen.evaluate import find_variants, variant_name
 from advgen.shards import read_split, read_stats, write_text
 from advgen.variants import read_manifests
+from advgen.outputs import check_writable
 from advgen.stages.app import log, stage
 
 
@@ -97,6 +98,9 @@ def report(
     seed: int = typer.Option(0, help="Seeds the choice of sample images."),
 ) -> None:
     """Gather training, white-box, transfer, retraining and defense results into OUT/README.md."""
+    if out.exists() and not out.is_dir():
+        raise BadParameter(f"--out {out} is a file, not a folder")
+    check_writable(out)
     if samples < 1:
         raise BadParameter(f"--samples must be >= 1, got {samples}")
     if not metrics_dir.is_dir():

@@ -18,6 +18,7 @@ from advgen.shards import read_split, write_json
 from advgen.train import Recipe, resolve_device
 from advgen.versions import versions
 from advgen.victims import load, save
+from advgen.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 
@@ -52,6 +53,10 @@ def retrain(
     if finetune_epochs < 1 or epochs < 0:
         raise BadParameter("--finetune-epochs must be >= 1 and --epochs >= 0")
     dev = resolve_device(device)
+    check_file_target(metrics, "--metrics")
+    if out.exists() and not out.is_dir():
+        raise BadParameter(f"--out {out} is a file, not a folder")
+    check_writable(out)
     clean_stats = open_clean(clean)
     victim = load(victim_ckpt, dataset=clean_stats["dataset"])
     vstats = open_variant(adv, clean_dir=clean)

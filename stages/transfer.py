@@ -14,6 +14,7 @@ from advgen.shards import file_digest, read_split, write_csv, write_json
 from advgen.train import resolve_device
 from advgen.transfer import classify, transfer_row
 from advgen.victims import load
+from advgen.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 
@@ -32,6 +33,8 @@ def transfer(
     """A source × target accuracy matrix per method and ε, and clean confidence of transferred vs not."""
     started = time.perf_counter()
     dev = resolve_device(device)
+    check_file_target(metrics, "--metrics")
+    check_writable(plots)
     clean_stats = open_clean(clean)
     ckpts = {n: victims_dir / f"{n}.pt" for n in dict.fromkeys(victim)}
     roots = {n: adv_root / n for n in ckpts if (adv_root / n).is_dir()}

@@ -156,7 +156,7 @@ def test_verify_checks_the_variant_card_dataset_info(tree, tmp_path):
     card.write_text(text[:start] + text[end:])
     assert verify_folder(folder, deep=False) == [
         "README.md: no dataset_info in the front matter (features and splits for Hugging Face datasets; "
-        "rerun advgen generate to rewrite an older card)"]
+        "rerun advgen prepare or generate to rewrite an older card)"]
 
 
 # --- publish -------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -143,6 +144,8 @@ def readme_data(tmp_path_factory) -> Path:
             "--out", str(data / "adv" / victim / "fast"), "--method", "fgsm", "--eps", "0.1",
             "--device", "cpu", "--workers", "0"])
         assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["publish", str(data / "adv" / "mlp")])  # as the README says, before loading
+    assert result.exit_code == 0, result.output
     return root
 
 
@@ -151,8 +154,9 @@ SNIPPETS = blocks(section("Sharing and loading shards"), "python")
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
 def test_sharing_snippets_run_as_written(readme_data, snippet):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(readme_data / "hf")}
     result = subprocess.run([sys.executable, "-c", snippet], cwd=readme_data, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=env)
     assert result.returncode == 0, f"README snippet failed:\n{snippet}\n{result.stderr[-3000:]}"
 
 

@@ -136,7 +136,7 @@ def test_card_that_disagrees_with_the_stats(data, tmp_path):
                     .replace("- mnist\n", "- fashion_mnist\n").replace(digest, "0" * 64))
     problems = verify_folder(clean)
     assert 'README.md: source_datasets is ["fashion_mnist"], _stats.json says ["mnist"]' in problems
-    assert any(p.startswith("README.md: dataset_info splits (num_examples) is ") and '"test": 25' in p
+    assert any(p.startswith("README.md: dataset_info splits are ") and '"num_examples": 25' in p
                for p in problems), problems
     assert f"README.md: sha256 of train-000000.tar is {'0' * 12}…, _stats.json says {digest[:12]}…" in problems
     assert len(problems) == 3, problems
@@ -149,10 +149,16 @@ def test_shorter_valid_tar_with_patched_checksums_is_caught_by_the_count(data, t
     folder = _copy(data / "clean", tmp_path / "c")
     tar, manifest = folder / "test-000001.tar", folder / "test-000001.parquet"
     samples = [{"__key__": k, **m} for k, m in iter_tar(tar)][:5]
+    old_bytes = sum(p.stat().st_size for p in folder.glob("test-*.tar"))
     write_tar(tar, samples)
     write_parquet(manifest, pq.read_table(manifest).slice(0, 5))
     _refresh_digest(folder, tar.name)
     _refresh_digest(folder, manifest.name)
+    assert verify_folder(folder, deep=False) == [  # the card's byte count of the split gives it away ...
+        next(p for p in verify_folder(folder, deep=False) if "num_bytes" in p and "dataset_info splits" in p)]
+    card = folder / "README.md"  # ... so a careful forger patches that too
+    new_bytes = sum(p.stat().st_size for p in folder.glob("test-*.tar"))
+    card.write_text(card.read_text().replace(f"num_bytes: {old_bytes}\n", f"num_bytes: {new_bytes}\n"))
     assert verify_folder(folder) == ["test: 21 samples, the card/stats say 24"]
     assert verify_folder(folder, deep=False) == []  # only reading the samples can tell
     result = _verify(folder)
