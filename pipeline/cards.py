@@ -105,6 +105,11 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
         f" This is a subset: the first {stats['limit']} images of each split (keys still give source indices)."
         if stats["limit"] else ""
     )
+    source_counts = stats.get("source_counts", stats.get("full_counts"))
+    if source_counts and source_counts != stats.get("full_counts", source_counts):
+        subset += (" The source copy it came from is not the reference: it holds "
+                   + ", ".join(f"{n} {s}" for s, n in source_counts.items()) + " images where the reference has "
+                   + ", ".join(f"{n} {s}" for s, n in stats["full_counts"].items()) + ".")
     c, h, w = spec.shape
     lines += [
         f"# {spec.title} — clean WebDataset shards",

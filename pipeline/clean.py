@@ -105,6 +105,7 @@ def write_clean(
             "classes": list(spec.classes),
             "counts": counts,
             "full_counts": dict(spec.counts),
+            "source_counts": {s: int(len(source.labels[s])) for s in SPLITS},
             "limit": limit,
             "shard_size": size,
             "shards": shards,

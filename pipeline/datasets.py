@@ -376,7 +376,8 @@ def locate(spec: DatasetSpec, roots: list[Path]) -> dict[str, Path] | None:
 def load_source(spec: DatasetSpec, paths: dict[str, Path], *, allow_unverified: bool = False) -> Source:
     """Decode the located files and check them against ``spec``.
 
-    Structural checks (count, shape, label range) always apply. Identity: every
+    Structural checks (shape, label range, and the exact count unless
+    ``allow_unverified``: a copy of another size is accepted then, as unverified) always apply. Identity: every
     file's md5 is the original's, or else every split's decoded sha256 is the
     reference's; otherwise ``CorruptFile`` unless ``allow_unverified``.
     """
@@ -387,8 +388,13 @@ def load_source(spec: DatasetSpec, paths: dict[str, Path], *, allow_unverified: 
         where = by_split[split][0]
         if x.shape[1:] != (h, w, c):
             raise CorruptFile(where, f"{spec.name} {split} images should be {h}x{w}x{c}, found {x.shape[1:]}")
-        if x.shape[0] != spec.counts[split]:
-            raise CorruptFile(where, f"{spec.name} {split} should have {spec.counts[split]} images, found {x.shape[0]}")
+        if x.shape[0] != spec.counts[split] and not allow_unverified:
+            # A copy of another size is never the reference; with --verify structure it may still be
+            # prepared (a trimmed mirror, or the smoke profile's tiny synthetic files), as unverified.
+            raise CorruptFile(where, f"{spec.name} {split} should have {spec.counts[split]} images, found {x.shape[0]}"
+                                     " (--verify structure accepts copies of other sizes)")
+        if x.shape[0] == 0:
+            raise CorruptFile(where, f"{spec.name} {split} holds no images")
         if y.shape[0] != x.shape[0]:
             raise CorruptFile(by_split[split][-1], f"{x.shape[0]} images but {y.shape[0]} labels")
         if y.size and (y.min() < 0 or y.max() >= spec.num_classes):

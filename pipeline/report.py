@@ -12,10 +12,6 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from advgen.evaluate import variant_name
@@ -24,10 +20,21 @@ SIGN_METHODS = ("fgsm", "bim", "pgd", "illc_fast", "illc_iter")  # L∞ sign ste
 UNSIGNED_METHODS = ("fgm", "fgm_l2", "pgd_l2")  # raw or L2-normalized gradients
 
 
+def _plt():
+    """matplotlib's pyplot on the Agg backend, imported on first use: it costs every advgen process
+    half a second at start-up otherwise, and only the report draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -137,7 +144,7 @@ def curves(evaluation: dict, split: str = "test") -> dict[str, dict[str, list[tu
 def figure_curves(evaluation: dict, path: Path, title: str) -> Path:
     """Accuracy vs ε (sign and unsigned methods side by side) and cooperative error vs ε."""
     c = curves(evaluation)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=False)
+    fig, axes = _plt().subplots(1, 3, figsize=(13, 3.6), sharex=False)
     for ax, (group, ylabel, name) in zip(axes, [("sign", "accuracy", "sign-gradient methods (L∞)"),
                                                ("unsigned", "accuracy", "unsigned / L2 methods"),
                                                ("cooperative", "error", "cooperative (error)")]):
@@ -166,7 +173,7 @@ def figure_sample_grid(clean: np.ndarray, labels: np.ndarray, clean_pred: np.nda
     """
     n = len(clean)
     ncol = 1 + len(columns) + (amplify is not None)
-    fig, axes = plt.subplots(n, ncol, figsize=(1.45 * ncol, 1.6 * n), squeeze=False)
+    fig, axes = _plt().subplots(n, ncol, figsize=(1.45 * ncol, 1.6 * n), squeeze=False)
 
     def show(ax, img, caption, wrong=False):
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
@@ -200,7 +207,7 @@ def figure_transfer(transfer: dict, whitebox: dict[str, dict[str, float]], path:
     victims = sorted(transfer["clean_accuracy"])
     ncol = min(4, max(1, len(keys)))
     nrow = max(1, math.ceil(len(keys) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol + 1, 3.2 * nrow), squeeze=False, layout="constrained")
+    fig, axes = _plt().subplots(nrow, ncol, figsize=(3.4 * ncol + 1, 3.2 * nrow), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, key in zip(axes.flat, keys):
@@ -233,7 +240,7 @@ def figure_retrain(retrain: dict, path: Path, title: str) -> Path:
     models = list(retrain["models"])
     kinds = [("clean_accuracy", "clean"), ("stored_adversarial_accuracy", "stored adversarial"),
              ("white_box_accuracy", "fresh white-box")]
-    fig, ax = plt.subplots(figsize=(1.6 * len(models) + 2, 3.4))
+    fig, ax = _plt().subplots(figsize=(1.6 * len(models) + 2, 3.4))
     width = 0.8 / len(kinds)
     for k, (field, label) in enumerate(kinds):
         ax.bar(np.arange(len(models)) + k * width, [retrain["models"][m][field] for m in models], width, label=label)
@@ -253,7 +260,7 @@ def figure_defense(defend: dict, defense: str, path: Path, title: str) -> Path:
     adaptive = [r for r in defend["rows"] if r["defense"] == defense and r["data"].startswith("adaptive")]
     models = list(dict.fromkeys(r["model"] for r in rows))
     datas = list(dict.fromkeys(r["data"] for r in rows))
-    fig, axes = plt.subplots(1, len(datas) + bool(adaptive), figsize=(4 * (len(datas) + bool(adaptive)), 3.3),
+    fig, axes = _plt().subplots(1, len(datas) + bool(adaptive), figsize=(4 * (len(datas) + bool(adaptive)), 3.3),
                              squeeze=False)
     for ax, data in zip(axes[0], datas + (["adaptive"] if adaptive else [])):
         src = adaptive if data == "adaptive" else [r for r in rows if r["data"] == data]
@@ -275,7 +282,7 @@ def figure_defense(defend: dict, defense: str, path: Path, title: str) -> Path:
 def figure_scaled(defend: dict, path: Path, title: str) -> Path:
     """Accuracy of the original victim vs the factor f on the stored δ, one line per defense setting."""
     rows = [r for r in defend["rows"] if "scale" in r and r["model"] == "original"]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = _plt().subplots(figsize=(5, 3.4))
     for (d, v) in dict.fromkeys((r["defense"], r["value"]) for r in rows):
         pts = sorted((r["scale"], r["accuracy"]) for r in rows if r["defense"] == d and r["value"] == v)
         xs, ys = zip(*pts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from advgen.stages import (  # noqa: F401 - importing registers the commands
+    check,
     defend,
     evaluate,
     generate,

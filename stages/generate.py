@@ -69,7 +69,7 @@ def generate(
     max_iter: int = typer.Option(50, help="DeepFool iteration limit."),
     seed: int = typer.Option(0, help="Seeds PGD random starts (per image)."),
     batch_size: int = typer.Option(256, help="Images per forward/backward."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (torchrun: cuda:LOCAL_RANK)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (torchrun: cuda:LOCAL_RANK mod GPUs)."),
     workers: int = typer.Option(1, help="Processes encoding PNGs and writing shards while compute goes on; 0 = inline."),
     store_float: bool = typer.Option(False, help="Also store each float image before rounding as KEY.npy."),
     rounding_audit: bool = typer.Option(True, help="Classify the float image too, to count outcomes changed by rounding."),
@@ -112,7 +112,8 @@ def generate(
     rank = int(os.environ.get("RANK", "0"))
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # More processes than GPUs share them round-robin (several per GPU keep it busy while others encode).
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     # Channels-last: faster convolutions on GPUs and (measured in training) on the CPU too.
     model, victim_sha = open_victim(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
                                     input_shape=input_shape, num_classes=num_classes, clean_stats=stats,
@@ -120,8 +121,9 @@ def generate(
     model = model.to(memory_format=torch.channels_last)
     variants = plan(methods, eps_values)
     if world > 1:
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=12))
+        # Ranks only wait for each other (barriers) and never exchange tensors, so gloo serves every device
+        # and allows several ranks per GPU, which NCCL refuses.
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
 
     log(f"generate: {len(variants)} variant(s) of {stats['dataset']} ({', '.join(splits)}) with "
         f"{model.meta.arch} on {dev}" + (f", rank {rank}/{world}" if world > 1 else ""))

@@ -66,16 +66,24 @@ def prepare(
     raw = raw if raw is not None else out.parent / "raw"
     roots = search_roots(spec, raw, mirror)
     paths = locate(spec, roots)
+    failed = None
     if paths is None and download_missing:
         log(f"{spec.title}: no local copy in {', '.join(map(str, roots))}; downloading into {raw}")
-        download(spec, raw)
-        paths = locate(spec, [raw])
+        created = not raw.exists()
+        try:
+            download(spec, raw)
+        except DatasetNotFound as e:
+            failed = str(e).split(": ", 1)[-1]
+            if created and raw.is_dir() and not any(raw.iterdir()):
+                raw.rmdir()  # leave nothing behind for a download that never started
+        paths = locate(spec, [raw]) if failed is None else None
     if paths is None:
         wanted = " + ".join("|".join(names) for names in spec.layout.files.values())
         raise DatasetNotFound(
             f"{spec.title} not found: looked for {wanted} in {', '.join(map(str, roots))}"
-            + ("" if download_missing else " (download disabled)")
-            + f". Put the original files in {raw} or pass --mirror DIR"
+            + ("" if mirror is not None else " (no --mirror or ADVGEN_MIRROR set)")
+            + (f"; the download failed ({failed})" if failed else "" if download_missing else " (download disabled)")
+            + f". Put the original files in {raw}, or set ADVGEN_MIRROR (or --mirror) to a folder that holds them"
             + (" (or: apt-get install dataset-fashion-mnist)" if spec.system_dirs else "")
         )
     log(f"{spec.title}: reading {', '.join(str(p) for p in paths.values())}")

@@ -191,6 +191,32 @@ def test_two_process_torchrun_equals_one_process(setup, reference, tmp_path, cli
     assert _tree(out) == _tree(reference)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_a_rendezvous_equal_one_process(setup, reference, tmp_path, cli_env):
+    """The README's multi-node command, as run: two torchrun launchers (one per "node", here on one machine)
+    meet at a c10d rendezvous endpoint and write into one shared output folder."""
+    out = tmp_path / "nodes"
+    port = _free_port()
+    env = {**cli_env, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "advgen-test", "-m", "advgen",
+           *_args(setup, out, "--store-float", "--workers", "0")]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(logs)
+    assert any("rank 1/2" in log for log in logs) and any("rank 0/2" in log for log in logs)
+    assert _tree(out) == _tree(reference)
+
+
 @pytest.mark.parametrize("change, message", [
     (["--method", "cw"], "unknown method 'cw'"),
     (["--eps", "-0.1"], "--eps must lie in [0, 1]"),

@@ -1,0 +1,94 @@
+"""The smoke profile: the full study's whole graph under ``dvc repro``, on tiny data in every native format.
+
+``smoke/params.yaml`` has exactly the full study's stages (five datasets x five
+victims, every generation family, evaluate, transfer, retrain, defend, report)
+at tiny sizes. The datasets are synthetic files written here in each
+dataset's original format and at the file layout torchvision downloads
+(``MNIST/raw/*.gz``, ``cifar-10-python.tar.gz``, ``train_32x32.mat``, ...), found
+through ``ADVGEN_MIRROR`` as a user's mirror would be. Any stage the full study
+would break on breaks here first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, WRITERS, copy_project, small_spec
+
+SMOKE = ROOT / "smoke"
+FOREACH = ("train", "generate", "evaluate", "transfer", "retrain", "defend")
+
+
+def _params(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_smoke_profile_has_exactly_the_full_studys_stages():
+    full, smoke = _params(ROOT / "params.yaml"), _params(SMOKE / "params.yaml")
+    assert smoke["prepare"]["datasets"] == full["prepare"]["datasets"]
+    for section in FOREACH:
+        assert sorted(smoke[section]) == sorted(full[section]), section
+    for key, entry in full["generate"].items():  # every family with every method of the full study
+        mine = smoke["generate"][key]
+        assert (mine["dataset"], mine["victim"], mine["family"]) == (entry["dataset"], entry["victim"], entry["family"])
+        assert mine["grid"]["method"] == entry["grid"]["method"] and mine["grid"]["split"] == entry["grid"]["split"]
+    for key, entry in full["retrain"].items():
+        assert (smoke["retrain"][key]["target"], smoke["retrain"][key]["source"]) == (entry["target"], entry["source"])
+    assert smoke["prepare"]["verify"] == "structure" and 0 < smoke["prepare"]["limit"] <= 64
+
+
+def write_mirror(root: Path, count: int = 40) -> Path:
+    """Every registered dataset, ``count`` synthetic images per split, as torchvision lays the originals out."""
+    places = {"mnist": root / "MNIST" / "raw", "fashion_mnist": root / "FashionMNIST" / "raw",
+              "cifar10": root, "cifar100": root, "svhn": root}
+    for name, folder in places.items():
+        WRITERS[name](folder, small_spec(name, train=count, test=count), seed=3)
+    return root
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_every_stage_of_the_full_study(tmp_path, cli_env):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_project(repo)
+    shutil.copytree(SMOKE, repo / "smoke", ignore=shutil.ignore_patterns("data", "metrics", "reports", "dvc.lock",
+                                                                        "tmp", "cache"))
+    mirror = write_mirror(tmp_path / "mirror")
+    env = {**cli_env, "ADVGEN_MIRROR": str(mirror)}
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke"], repo, env)
+
+    full = {line.split()[0] for line in _run(["dvc", "stage", "list", "--name-only"], repo, env).splitlines()}
+    smoke = {line.split()[0] for line in _run(["dvc", "stage", "list", "--name-only"], repo / "smoke", env).splitlines()}
+    assert smoke == full and len(full) > 100, sorted(full ^ smoke)
+
+    out = _run(["dvc", "repro"], repo / "smoke", env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+    assert ran == full, sorted(full - ran)
+    assert out.index("Running stage 'check'") < out.index("Running stage 'prepare@")  # checked before any work
+
+    profile = repo / "smoke"
+    for ds in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
+        stats = json.loads((profile / "data" / ds / "clean" / "_stats.json").read_text())
+        assert stats["counts"] == {"train": 32, "test": 32} and stats["source"]["verification"] == "unverified"
+        summary = json.loads((profile / "metrics" / ds / "resnet18" / "summary.json").read_text())
+        assert {"fast/fgsm/eps=0.1", "iterative/pgd/eps=0.1", "minimal/deepfool"} <= set(summary["variants"])
+    report = (profile / "reports" / "README.md").read_text()
+    for title in ("MNIST", "Fashion-MNIST", "CIFAR-10", "CIFAR-100", "SVHN"):
+        assert f"## {title}" in report
+    assert "up to date" in _run(["dvc", "status"], profile, env)
