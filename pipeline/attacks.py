@@ -32,7 +32,7 @@ from advgen.errors import BadParameter, unknown
 
 Norm = Literal["linf", "l2", "none"]
 Direction = Literal["adversarial", "cooperative"]
-Kind = Literal["single", "targeted_single", "iterative", "targeted_iterative", "random_start", "minimal"]
+Kind = Literal["single", "targeted_single", "iterative", "targeted_iterative", "random_start", "minimal", "until"]
 
 
 # --- gradients and per-sample helpers -------------------------------------------------------------
@@ -177,66 +177,124 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, st
 
 @dataclass
 class DeepFoolResult:
-    x: Tensor  # perturbed images in [0, 1]
+    x: Tensor  # perturbed images (in [0, 1] unless clip=False)
     r_l2: Tensor  # per-sample ‖x_adv − x‖₂ of the applied perturbation (after clamping to [0, 1])
     iterations: Tensor  # int64
-    converged: Tensor  # bool: the label changed within max_iter
+    converged: Tensor  # bool: the label changed (or, targeted, the target was reached) within max_iter
+
+
+def project_onto(w: Tensor, basis: Tensor | None) -> Tensor:
+    """``w`` (m, …) projected onto the span of the orthonormal columns of ``basis`` (P, d); unchanged if None."""
+    if basis is None:
+        return w
+    flat = w.flatten(1)
+    return ((flat @ basis) @ basis.T).view_as(w)
 
 
 def deepfool(model: nn.Module, x: Tensor, y: Tensor, *, candidates: int = 10, overshoot: float = 0.02,
-             max_iter: int = 50) -> DeepFoolResult:
-    """Multi-class L2 DeepFool (Moosavi-Dezfooli et al., 2016), batched.
+             max_iter: int = 50, target: Tensor | None = None, basis: Tensor | None = None,
+             clip: bool = True) -> DeepFoolResult:
+    """Multi-class L2 DeepFool (Moosavi-Dezfooli et al., 2016), batched; targeted and subspace-confined variants.
 
-    ``y`` is the class to move away from. Images not classified as ``y`` to
-    begin with are returned unchanged (0 iterations, converged). Each
-    iteration linearizes the logits around the current point, picks among the
-    ``candidates`` top-scoring classes the boundary nearest in L2, and steps
-    just past it; the total step is scaled by (1 + overshoot). Finished images
-    are frozen while the others go on.
+    Untargeted (``target`` None): ``y`` is the class to move away from. Images
+    not classified as ``y`` to begin with are returned unchanged (0 iterations,
+    converged). Each iteration linearizes the logits around the current point,
+    picks among the ``candidates`` top-scoring classes the boundary nearest in
+    L2, and steps just past it; the total step is scaled by (1 + overshoot).
+
+    Targeted (``target``: (N,) classes): moves each image towards the nearest
+    point of the boundary between its target class c and the class ĉ it is
+    currently classified as (the c-vs-rest boundary, as Jetley et al.'s Alg. 1
+    uses it): each step is (F_ĉ − F_c)/‖∇(F_c − F_ĉ)‖² · ∇(F_c − F_ĉ), one
+    backward pass per iteration; images already classified as c stay. With
+    ``overshoot`` 0 it stops on the boundary (up to a 1e-4 margin).
+
+    Confined (``basis``: (P, d) orthonormal columns, P = C·H·W): every
+    linearized step is solved with the gradients projected onto the span of
+    ``basis``, so the whole perturbation lies in that subspace (Jetley et al.,
+    Fig. 5). ``clip=False`` lets iterates leave [0, 1] (for analyses on
+    projected images that are not images any more). Finished images are
+    frozen while the others go on.
     """
     n = x.shape[0]
     with torch.no_grad():
         logits0 = model(x)
-    k = min(candidates, logits0.shape[1])
-    # Candidate classes ranked on the clean image; the original class goes first.
-    ranked = logits0.topk(k, dim=1).indices
-    pos = torch.arange(k, device=x.device).expand(n, k).masked_fill(ranked == y[:, None], k)  # y sorts last
-    others = ranked.gather(1, pos.argsort(dim=1)[:, : k - 1])
-    cand = torch.cat([y[:, None], others], dim=1)  # (n, k)
     r_tot = torch.zeros_like(x)
     iterations = torch.zeros(n, dtype=torch.int64, device=x.device)
-    active = logits0.argmax(1) == y
+    if target is not None:
+        active = logits0.argmax(1) != target
+    else:
+        k = min(candidates, logits0.shape[1])
+        # Candidate classes ranked on the clean image; the original class goes first.
+        ranked = logits0.topk(k, dim=1).indices
+        pos = torch.arange(k, device=x.device).expand(n, k).masked_fill(ranked == y[:, None], k)  # y sorts last
+        others = ranked.gather(1, pos.argsort(dim=1)[:, : k - 1])
+        cand = torch.cat([y[:, None], others], dim=1)  # (n, k)
+        active = logits0.argmax(1) == y
     converged = ~active
     for _ in range(max_iter):
         idx = active.nonzero().flatten()
         if idx.numel() == 0:
             break
-        xa = (x[idx] + (1 + overshoot) * r_tot[idx]).clamp(0, 1).requires_grad_(True)
+        xa = x[idx] + (1 + overshoot) * r_tot[idx]
+        xa = (xa.clamp(0, 1) if clip else xa).requires_grad_(True)
         out = _fp32_at_least(model(xa))
-        still = out.argmax(1) == y[idx]
+        pred = out.argmax(1)
+        still = pred != target[idx] if target is not None else pred == y[idx]
         done = idx[~still]
         converged[done] = True
         active[done] = False
         if not still.any():
             break
-        c = cand[idx]
-        f = out.gather(1, c)  # (m, k)
-        grads = [torch.autograd.grad(f[:, j].sum(), xa, retain_graph=j < k - 1)[0] for j in range(k)]
-        w = torch.stack([g - grads[0] for g in grads[1:]], dim=1)  # (m, k-1, C, H, W)
-        fd = (f[:, 1:] - f[:, :1]).detach()  # (m, k-1)
-        wn = w.flatten(2).norm(dim=2)  # (m, k-1)
-        dist = fd.abs() / wn.clamp_min(1e-12)
-        best = dist.argmin(1)
-        w_best = w[torch.arange(len(idx), device=x.device), best]
-        r_i = ((fd.abs().gather(1, best[:, None]).squeeze(1) + 1e-4) / wn.gather(1, best[:, None]).squeeze(1)
-               .clamp_min(1e-12) ** 2).view(-1, 1, 1, 1) * w_best
+        if target is not None:
+            c = target[idx]
+            diff = out.gather(1, c[:, None]).squeeze(1) - out.gather(1, pred[:, None]).squeeze(1)  # F_c − F_ĉ < 0
+            (w,) = torch.autograd.grad(diff.sum(), xa)
+            w = project_onto(w, basis)
+            step = (diff.detach().abs() + 1e-4) / w.flatten(1).norm(dim=1).clamp_min(1e-12) ** 2
+            r_i = step.view(-1, *([1] * (x.dim() - 1))) * w
+        else:
+            c = cand[idx]
+            f = out.gather(1, c)  # (m, k)
+            grads = [torch.autograd.grad(f[:, j].sum(), xa, retain_graph=j < k - 1)[0] for j in range(k)]
+            w = project_onto(torch.stack([g - grads[0] for g in grads[1:]], dim=1).flatten(0, 1), basis)
+            w = w.view(len(idx), k - 1, *x.shape[1:])  # (m, k-1, C, H, W)
+            fd = (f[:, 1:] - f[:, :1]).detach()  # (m, k-1)
+            wn = w.flatten(2).norm(dim=2)  # (m, k-1)
+            dist = fd.abs() / wn.clamp_min(1e-12)
+            best = dist.argmin(1)
+            w_best = w[torch.arange(len(idx), device=x.device), best]
+            r_i = ((fd.abs().gather(1, best[:, None]).squeeze(1) + 1e-4) / wn.gather(1, best[:, None]).squeeze(1)
+                   .clamp_min(1e-12) ** 2).view(-1, *([1] * (x.dim() - 1))) * w_best
         keep = idx[still]
         r_tot[keep] += r_i[still].detach()
         iterations[keep] += 1
     with torch.no_grad():
-        x_adv = (x + (1 + overshoot) * r_tot).clamp(0, 1)
+        x_adv = x + (1 + overshoot) * r_tot
+        x_adv = x_adv.clamp(0, 1) if clip else x_adv
     return DeepFoolResult(x=x_adv, r_l2=_l2(x_adv - x).flatten(), iterations=iterations,
                           converged=converged)
+
+
+def fgs_until(model: nn.Module, x: Tensor, y: Tensor, *, step_size: float, max_iter: int) -> tuple[Tensor, Tensor]:
+    """Fast gradient sign steps of weight ``step_size`` repeated until each image is misclassified (Johnson, 2020).
+
+    No ε-ball: an image takes steps until the victim no longer predicts ``y``
+    (or ``max_iter`` steps); images misclassified to begin with take none.
+    Returns (images, steps taken per image).
+    """
+    x_adv = x.clone()
+    steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    for _ in range(max_iter):
+        with torch.no_grad():
+            active = model(x_adv).argmax(1) == y
+        idx = active.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        grad, _ = loss_gradient(model, x_adv[idx], y[idx])
+        x_adv[idx] = (x_adv[idx] + step_size * grad.sign()).clamp(0, 1)
+        steps[idx] += 1
+    return x_adv, steps
 
 
 # --- the stored form ------------------------------------------------------------------------------
@@ -296,6 +354,137 @@ def _into_l2_ball(r: Tensor, a: Tensor, clean: Tensor, radius: float) -> Tensor:
     return (clean.flatten(1).double() + out).view_as(r).to(r.dtype).reshape(n, *r.shape[1:])
 
 
+# --- rounding-aware finishing: the last steps on the uint8 lattice ----------------------------------
+
+def lattice_step(w: Tensor, need: Tensor, room_up: Tensor, room_down: Tensor) -> Tensor:
+    """A short whole-level move along ``w`` that gains ``need``: integer steps e (m, P).
+
+    ``w`` (m, P): gain per unit of pixel value (a linearized margin's
+    gradient); one level (1/255) of pixel j gains |w_j|/255. Seeks the
+    smallest ‖e‖₂ subject to Σ w_j e_j / 255 ≥ need, e_j of the sign of w_j
+    and within ``room_up``/``room_down`` levels (to 255 and to 0). The k-th
+    level of pixel j costs 2k − 1 in squared norm, so levels are taken in
+    order of gain/cost: a threshold λ on that ratio (found by bisection) gives
+    e_j = ⌊(g_j/λ + 1)/2⌋ levels, which is optimal but for the last level
+    taken (‖e‖² ≤ the optimum + 2·max|e_j| − 1); levels the gain does not need
+    are then given back, largest first. Where even the whole room cannot gain
+    ``need``, every level of room is taken.
+    """
+    a = w.abs() / 255
+    room = torch.where(w > 0, room_up, room_down).clamp_min(0)
+
+    def levels(lam: Tensor) -> Tensor:
+        return torch.minimum(torch.floor((a / lam[:, None] + 1) / 2), room)
+
+    top = a.amax(1).clamp_min(1e-30)
+    lo, hi = top * 1e-9, top * 1.0001  # gain(hi) = 0; gain(lo) is (nearly) the whole room
+    for _ in range(60):
+        mid = (lo * hi).sqrt()
+        ok = (a * levels(mid)).sum(1) >= need
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    e = levels(lo)
+    for _ in range(4):  # give back levels the gain does not need, the costliest first
+        slack = (a * e).sum(1) - need
+        saving = torch.where((e > 0) & (a <= slack[:, None]), 2 * e - 1, torch.full_like(e, -1.0))
+        best = saving.argmax(1)
+        drop = saving.gather(1, best[:, None]).squeeze(1) > 0
+        e = e - torch.zeros_like(e).scatter_(1, best[:, None], drop[:, None].to(e.dtype))
+    short = (a * e).sum(1) < need
+    e = torch.where(short[:, None], room, e)
+    return e * w.sign()
+
+
+def deepfool_on_lattice(model: nn.Module, x: Tensor, y: Tensor, x_float: Tensor, *, candidates: int = 10,
+                        overshoot: float = 0.02, max_steps: int = 50) -> tuple[Tensor, Tensor]:
+    """DeepFool finished on the uint8 lattice: every image its float run moved across the boundary crosses it
+    as stored too.
+
+    Starts from ``to_uint8(x_float)``; an attacked image whose stored version
+    is still classified as ``y`` takes DeepFool steps from the stored point,
+    each rounded onto the lattice as the shortest whole-level move that
+    crosses the linearized nearest boundary (``lattice_step``) with
+    ``overshoot``, until the stored image crosses it (at most ``max_steps``).
+    Returns (images exactly on the lattice, lattice steps taken per image).
+    """
+    d = to_uint8(x_float, x).float()
+    steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    with torch.no_grad():
+        logits0 = model(x)
+    k = min(candidates, logits0.shape[1])
+    attacked = logits0.argmax(1) == y
+    for _ in range(max_steps):
+        xs = (d / 255).requires_grad_(True)
+        out = _fp32_at_least(model(xs))
+        need = attacked & (out.argmax(1) == y)
+        idx = need.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        ranked = out.detach().topk(k, dim=1).indices[idx]
+        pos = torch.arange(k, device=x.device).expand(len(idx), k).masked_fill(ranked == y[idx, None], k)
+        cand = torch.cat([y[idx, None], ranked.gather(1, pos.argsort(dim=1)[:, : k - 1])], dim=1)
+        f = out[idx].gather(1, cand)
+        grads = [torch.autograd.grad(f[:, j].sum(), xs, retain_graph=j < k - 1)[0][idx].flatten(1) for j in range(k)]
+        w = torch.stack([g - grads[0] for g in grads[1:]], dim=1)  # (m, k-1, P)
+        fd = (f[:, 1:] - f[:, :1]).detach().abs()
+        best = (fd / w.norm(dim=2).clamp_min(1e-12)).argmin(1)
+        rows = torch.arange(len(idx), device=x.device)
+        here = d[idx].flatten(1)
+        e = lattice_step(w[rows, best], fd[rows, best] * (1 + overshoot) + 1e-4, 255 - here, here)
+        d[idx] = (here + e).clamp(0, 255).view_as(d[idx])
+        steps[idx] += 1
+    return d / 255, steps
+
+
+def finish_on_lattice(model: nn.Module, x: Tensor, x_float: Tensor, label: Tensor, y: Tensor, *, eps: float,
+                      norm: Norm, sign: int, direction: Direction, max_steps: int,
+                      step_size: float) -> tuple[Tensor, Tensor]:
+    """An iterative attack's last steps taken on the uint8 lattice, inside its ε-ball, checking what is stored.
+
+    Images whose float result reached the goal (``direction`` adversarial:
+    not classified as ``y``; cooperative: classified as ``y``) but whose
+    stored result does not keep stepping from the stored point along
+    ``sign`` · ∇ loss(``label``): L∞, one level on every pixel (the smallest
+    sign step on the lattice); L2, the shortest whole-level move with the
+    linear gain of a float step of ``step_size`` (``lattice_step``), rounded
+    back into the L2 ball. At most ``max_steps``; returns (lattice images,
+    lattice steps per image).
+    """
+    clean = (x * 255).round()
+    d = to_uint8(x_float, x, eps=eps, norm=norm).float()
+
+    def goal(logits: Tensor) -> Tensor:
+        pred = logits.argmax(1)
+        return pred == y if direction == "cooperative" else pred != y
+
+    with torch.no_grad():
+        float_ok = goal(model(x_float))
+    steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    k = ball_steps(eps)
+    for _ in range(max_steps):
+        with torch.no_grad():
+            need = float_ok & ~goal(model(d / 255))
+        idx = need.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        grad, _ = loss_gradient(model, d[idx] / 255, label[idx])
+        here, c0 = d[idx], clean[idx]
+        if norm == "linf":
+            moved = here + sign * grad.sign()
+            moved = torch.minimum(torch.maximum(moved, c0 - k), c0 + k).clamp(0, 255)
+        else:
+            g = (sign * grad).flatten(1)
+            gain = step_size * g.norm(dim=1)
+            flat = here.flatten(1)
+            moved = (flat + lattice_step(g, gain, 255 - flat, flat)).view_as(here)
+            delta = moved - c0
+            length = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            inside = c0 + delta * (255 * eps / length).clamp(max=1.0)  # back onto the ball, then the lattice
+            moved = to_uint8(inside / 255, c0 / 255, eps=eps, norm="l2").float()
+        d[idx] = moved
+        steps[idx] += 1
+    return d / 255, steps
+
+
 # --- registry -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -319,6 +508,7 @@ METHODS: dict[str, Method] = {
     "pgd": Method(pgd, "linf", "adversarial", "random_start"),
     "pgd_l2": Method(pgd_l2, "l2", "adversarial", "random_start"),
     "deepfool": Method(deepfool, "l2", "adversarial", "minimal"),
+    "fgs_until": Method(fgs_until, "none", "adversarial", "until"),
 }
 
 
@@ -330,7 +520,27 @@ def get_method(name: str) -> Method:
 
 
 def uses_eps(name: str) -> bool:
-    return get_method(name).kind != "minimal"
+    """Whether ``name`` takes an ε (DeepFool finds its own size; fgs_until steps until the label changes)."""
+    return get_method(name).kind not in ("minimal", "until")
+
+
+def best_of_restarts(model: nn.Module, y: Tensor, runs: list[Tensor]) -> Tensor:
+    """Per image, the first of ``runs`` (results of restarts) that the model does not classify as ``y``,
+    else the one with the highest loss of ``y`` (Madry et al.'s restarts keep the strongest)."""
+    best, best_loss, found = runs[0].clone(), None, None
+    for r in runs:
+        with torch.no_grad():
+            logits = _fp32_at_least(model(r))
+        loss = F.cross_entropy(logits, y, reduction="none")
+        fooled = logits.argmax(1) != y
+        if best_loss is None:
+            best_loss, found = loss, fooled
+            continue
+        take = (~found & fooled) | (~found & ~fooled & (loss > best_loss))
+        best[take] = r[take]
+        best_loss = torch.where(take, loss, best_loss)
+        found = found | fooled
+    return best
 
 
 def default_step_size(eps: float, steps: int) -> float:
@@ -339,12 +549,16 @@ def default_step_size(eps: float, steps: int) -> float:
 
 
 def check_params(name: str, *, eps: float | None, steps: int, step_size: float | None,
-                 label_source: str, target: str, candidates: int, overshoot: float, max_iter: int) -> None:
+                 label_source: str, target: str, candidates: int, overshoot: float, max_iter: int,
+                 restarts: int = 1) -> None:
     """Raise ``BadParameter`` for anything out of range, before any compute."""
-    get_method(name)
+    method = get_method(name)
     if uses_eps(name):
-        if eps is None or not 0 <= eps <= 1:
-            raise BadParameter(f"--eps must lie in [0, 1] (pixel units), got {eps}")
+        if method.norm == "none":  # unbounded steps (fgm, d_fgm): any size, as Agarwal et al.'s 0.9 ... 2.0
+            if eps is None or not 0 <= eps < math.inf:
+                raise BadParameter(f"--eps of {name} must be a number >= 0, got {eps}")
+        elif eps is None or not 0 <= eps <= 1:
+            raise BadParameter(f"--eps of {name} must lie in [0, 1] (pixel units), got {eps}")
     if steps < 1:
         raise BadParameter(f"--steps must be >= 1, got {steps}")
     if step_size is not None and not step_size > 0:
@@ -359,6 +573,8 @@ def check_params(name: str, *, eps: float | None, steps: int, step_size: float |
         raise BadParameter(f"--overshoot must lie in [0, 1], got {overshoot}")
     if max_iter < 1:
         raise BadParameter(f"--max-iter must be >= 1, got {max_iter}")
+    if restarts < 1:
+        raise BadParameter(f"--restarts must be >= 1, got {restarts}")
 
 
 def check_model_and_input(model: nn.Module, x: Tensor) -> None:
@@ -386,19 +602,30 @@ def check_output(name: str, x: Tensor, x_adv: Tensor, eps: float | None) -> None
         raise AssertionError(f"{name} left its {norm} ε-ball: {worst} > {eps}")
 
 
+FGS_UNTIL_STEP = 0.01  # Johnson (2020): "the noise was multiplied by 0.01 before being added"
+
+
+def restart_seeds(seeds: list[int], restart: int) -> list[int]:
+    """Per-image seeds of random restart ``restart`` (0: the seeds themselves), independent of batching."""
+    return seeds if restart == 0 else [sample_seed(s, "restart", restart) for s in seeds]
+
+
 def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, steps: int = 10,
         step_size: float | None = None, label_source: str = "true", target: str = "least_likely",
         seeds: list[int] | None = None, candidates: int = 10, overshoot: float = 0.02,
-        max_iter: int = 50) -> Tensor:
+        max_iter: int = 50, restarts: int = 1) -> Tensor:
     """Apply method ``name`` to images ``x`` (N, C, H, W) in [0, 1] with labels ``y``; returns floats in [0, 1].
 
     ``label_source="predicted"`` uses the model's top-1 prediction as the
     gradient label. ``seeds`` (one int per image) drive random starts; default
-    ``sample_seed(0, "run", i)``. Checks pre- and post-conditions.
+    ``sample_seed(0, "run", i)``; ``restarts`` > 1 runs PGD from that many
+    starts and keeps, per image, the first that fools the model (else the
+    strongest). Checks pre- and post-conditions. The result is the float
+    attack; ``to_uint8`` gives what a stored copy holds.
     """
     method = get_method(name)
     check_params(name, eps=eps, steps=steps, step_size=step_size, label_source=label_source, target=target,
-                 candidates=candidates, overshoot=overshoot, max_iter=max_iter)
+                 candidates=candidates, overshoot=overshoot, max_iter=max_iter, restarts=restarts)
     check_model_and_input(model, x)
     with torch.no_grad():
         logits = model(x)
@@ -408,6 +635,8 @@ def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None 
         out = method.fn(x, grad=grad, eps=eps)
     elif method.kind == "minimal":
         out = deepfool(model, x, label, candidates=candidates, overshoot=overshoot, max_iter=max_iter).x
+    elif method.kind == "until":
+        out, _ = fgs_until(model, x, label, step_size=step_size or FGS_UNTIL_STEP, max_iter=max_iter)
     else:
         assert eps is not None
         size = step_size if step_size is not None else default_step_size(eps, steps)
@@ -418,8 +647,11 @@ def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None 
                             step_size=size)
         elif method.kind == "random_start":
             seeds = seeds if seeds is not None else [sample_seed(0, "run", i) for i in range(x.shape[0])]
-            start = random_start(tuple(x.shape[1:]), eps, method.norm, seeds).to(x.device)
-            out = method.fn(model, x, label, eps=eps, steps=steps, step_size=size, start=start)
+            runs = [method.fn(model, x, label, eps=eps, steps=steps, step_size=size,
+                              start=random_start(tuple(x.shape[1:]), eps, method.norm,
+                                                 restart_seeds(seeds, r)).to(x.device))
+                    for r in range(restarts)]
+            out = runs[0] if restarts == 1 else best_of_restarts(model, label, runs)
         else:
             out = method.fn(model, x, label, eps=eps, steps=steps, step_size=size)
     check_output(name, x, out, eps)

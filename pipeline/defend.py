@@ -38,15 +38,24 @@ class Setting:
 
 
 @torch.no_grad()
+def defended_predictions(model: nn.Module, defense: nn.Module, x: Tensor, *, device: torch.device,
+                         batch_size: int = 256) -> Tensor:
+    """Top-1 predictions (CPU) of model(defense(x)) on uint8 images ``x`` (N, C, H, W)."""
+    net = Defended(defense, model).to(device).eval()
+    return torch.cat([net(x[lo:lo + batch_size].to(device).float().div_(255)).argmax(1).cpu()
+                      for lo in range(0, len(x), batch_size)])
+
+
 def defended_accuracy(model: nn.Module, defense: nn.Module, x: Tensor, y: Tensor, *, device: torch.device,
                       batch_size: int = 256) -> float:
     """Top-1 accuracy of model(defense(x)) on uint8 images ``x`` (N, C, H, W)."""
-    net = Defended(defense, model).to(device).eval()
-    correct = 0
-    for lo in range(0, len(x), batch_size):
-        xb = x[lo:lo + batch_size].to(device).float().div_(255)
-        correct += int((net(xb).argmax(1).cpu() == y[lo:lo + batch_size]).sum())
-    return correct / max(1, len(x))
+    pred = defended_predictions(model, defense, x, device=device, batch_size=batch_size)
+    return int((pred == y.cpu()).sum()) / len(x) if len(x) else 0.0
+
+
+def _fooling(pred: Tensor, clean_pred: Tensor) -> float | None:
+    """Fraction of images whose (defended) prediction differs from that of their clean counterpart."""
+    return int((pred != clean_pred).sum()) / len(pred) if len(pred) == len(clean_pred) and len(pred) else None
 
 
 def scale_perturbation(clean: Tensor, adv: Tensor, factor: float) -> Tensor:
@@ -56,15 +65,18 @@ def scale_perturbation(clean: Tensor, adv: Tensor, factor: float) -> Tensor:
 
 
 def sweep(models: dict[str, nn.Module], settings: list[Setting], data: dict[str, tuple[Tensor, Tensor]], *,
-          device: torch.device) -> list[dict]:
-    """Accuracy for every (model, setting, data set)."""
+          device: torch.device, clean: str = "clean") -> list[dict]:
+    """Accuracy for every (model, setting, data set), and the fooling rate against the ``clean`` data set
+    behind the same model and setting (the stored copies keep the clean images' order)."""
     rows = []
     for mname, model in models.items():
         for s in settings:
             defense = s.build()
-            for dname, (x, y) in data.items():
+            preds = {d: defended_predictions(model, defense, x, device=device) for d, (x, _) in data.items()}
+            for dname, (_, y) in data.items():
                 rows.append({"model": mname, "defense": s.defense, "value": s.value, "data": dname,
-                             "accuracy": defended_accuracy(model, defense, x, y, device=device)})
+                             "accuracy": int((preds[dname] == y.cpu()).sum()) / max(1, len(y)),
+                             "fooling_rate": _fooling(preds[dname], preds[clean]) if dname != clean else None})
     return rows
 
 
@@ -79,9 +91,12 @@ def adaptive_attack(models: dict[str, nn.Module], settings: list[Setting], x: Te
             net = Defended(defense, model).to(device).eval()
             adv = white_box(net, x, y, method=method, eps=eps, steps=steps, device=device, seed=seed,
                             tag="adaptive", batch_size=batch_size)
+            pred = defended_predictions(model, defense, adv, device=device, batch_size=batch_size)
             rows.append({"model": mname, "defense": s.defense, "value": s.value,
                          "data": f"adaptive {method}" + (f" ε={eps:g}" if eps is not None else ""),
-                         "accuracy": defended_accuracy(model, defense, adv, y, device=device, batch_size=batch_size)})
+                         "accuracy": int((pred == y.cpu()).sum()) / max(1, len(y)),
+                         "fooling_rate": _fooling(pred, defended_predictions(model, defense, x, device=device,
+                                                                             batch_size=batch_size))})
     return rows
 
 
@@ -93,7 +108,10 @@ def scaled_perturbations(models: dict[str, nn.Module], settings: list[Setting], 
     for mname, model in models.items():
         for s in settings:
             defense = s.build()
+            base = defended_predictions(model, defense, clean, device=device)
             for f, xs in scaled.items():
+                pred = defended_predictions(model, defense, xs, device=device)
                 rows.append({"model": mname, "defense": s.defense, "value": s.value, "data": f"{name} ×{f:g}",
-                             "scale": f, "accuracy": defended_accuracy(model, defense, xs, y, device=device)})
+                             "scale": f, "accuracy": int((pred == y.cpu()).sum()) / max(1, len(y)),
+                             "fooling_rate": _fooling(pred, base)})
     return rows

@@ -86,9 +86,52 @@ def _ssim_and_norms(clean_u8: torch.Tensor, adv_u8: torch.Tensor, chunk: int = 2
     return torch.cat(ssim).numpy(), torch.cat(norms).numpy()
 
 
+@dataclass(frozen=True)
+class BucketRule:
+    """How images are put in clean-confidence buckets.
+
+    ``thresholds`` None: terciles of the clean top-1 probability; else (low,
+    high). ``correct_only``: only images the victim classifies correctly when
+    clean take part (Possas's protocol); ``per_bucket`` > 0: that many images
+    are drawn from each bucket with ``seed`` (all of a bucket if it has fewer).
+    """
+
+    thresholds: tuple[float, float] | None = None
+    correct_only: bool = False
+    per_bucket: int = 0
+    seed: int = 0
+
+
+def assign_buckets(conf: np.ndarray, clean_ok: np.ndarray, rule: BucketRule) -> tuple[np.ndarray, tuple[float, float]]:
+    """(bucket per image, -1 where it takes no part; thresholds used) under ``rule`` (see ``BucketRule``)."""
+    pool = clean_ok if rule.correct_only else np.ones(len(conf), bool)
+    buckets, used = metrics.confidence_buckets(conf[pool] if rule.thresholds is None else conf, rule.thresholds)
+    full = np.full(len(conf), -1, np.int8)
+    if rule.thresholds is None:
+        full[pool] = buckets
+    else:
+        full[pool] = buckets[pool]
+    if rule.per_bucket:
+        rng = np.random.default_rng(rule.seed)
+        for b in range(len(metrics.BUCKETS)):
+            members = np.flatnonzero(full == b)
+            if len(members) > rule.per_bucket:
+                dropped = np.setdiff1d(members, rng.choice(members, size=rule.per_bucket, replace=False))
+                full[dropped] = -1
+    return full, used
+
+
 def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
-                   thresholds: tuple[float, float] | None = None) -> tuple[dict, pa.Table]:
-    """Summary and per-sample table of one split of one variant (see the module docstring)."""
+                   thresholds: tuple[float, float] | None = None,
+                   rule: BucketRule | None = None) -> tuple[dict, pa.Table]:
+    """Summary and per-sample table of one split of one variant (see the module docstring).
+
+    Everything is measured on the stored images (what the shards hold) and,
+    where the manifests carry the float prediction (the rounding audit), on
+    the float images too, side by side (``float_*`` keys). The fooling rate is
+    the fraction of images whose predicted label changed, whatever the true label.
+    """
+    rule = rule or BucketRule(thresholds=thresholds)
     names = stats["shards"][split]
     man = read_manifests(Path(folder), names)
     col = {n: man[n].to_numpy(zero_copy_only=False) for n in man.column_names if not n.endswith("_top5")}
@@ -98,7 +141,7 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
     y = col["label"].astype(np.int64)
     clean_ok = col["clean_pred"] == y
     ok = col["adv_pred"] == y
-    buckets, used = metrics.confidence_buckets(col["clean_conf"], thresholds)
+    buckets, used = assign_buckets(col["clean_conf"].astype(np.float64), clean_ok, rule)
     ssim, x_l2 = _ssim_and_norms(clean.x, x_adv)
     psnr = metrics.psnr_from_l2(col["l2"].astype(np.float64), int(np.prod(x_adv.shape[1:])))
     has_top5 = "adv_top5" in man.column_names
@@ -107,9 +150,18 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
         adv5 = metrics.topk_hit(np.stack(man["adv_top5"].to_numpy(zero_copy_only=False)), y)
 
     n = len(y)
-    out: dict = {"count": n, "clean_accuracy": _rate(clean_ok), "accuracy": _rate(ok)}
+    out: dict = {"count": n, "clean_accuracy": _rate(clean_ok), "accuracy": _rate(ok),
+                 "fooling_rate": _rate(col["adv_pred"] != col["clean_pred"])}
     if has_top5:
         out |= {"clean_top5_accuracy": _rate(clean5), "top5_accuracy": _rate(adv5)}
+    if "float_pred" in col:  # the same figures for the float images the attack made, before rounding
+        fok = col["float_pred"] == y
+        out |= {"float_accuracy": _rate(fok), "float_fooling_rate": _rate(col["float_pred"] != col["clean_pred"])}
+        if stats["direction"] == "adversarial":
+            out["float_success_rate"] = _rate(~fok)
+        else:
+            out["float_error_rate_reduction"] = metrics.error_rate_reduction(1 - out["clean_accuracy"],
+                                                                            1 - out["float_accuracy"])
     if stats["direction"] == "adversarial":
         out["success_rate"] = _rate(~ok)
         out["success_rate_on_correct"] = _rate(~ok[clean_ok])  # of the images the victim got right
@@ -124,7 +176,8 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
             "negatives_error_after": _rate(~ok[negatives]),
             "positives_broken": _rate(~ok[clean_ok]),  # correct images the cooperative step made wrong
         }
-    out["buckets"] = {"thresholds": [float(t) for t in used]}
+    out["buckets"] = {"thresholds": [float(t) for t in used], "correct_only": rule.correct_only,
+                      "per_bucket": rule.per_bucket}
     for b, bname in enumerate(metrics.BUCKETS):
         m = buckets == b
         entry = {"count": int(m.sum()), "clean_error": _rate(~clean_ok[m]), "error": _rate(~ok[m])}
@@ -139,15 +192,28 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
         "unchanged": int((~finite).sum()),  # images rounding left identical to the clean one
         "mean_ssim": float(ssim.mean()), "min_ssim": float(ssim.min()),
     }
-    if "iterations" in col:  # DeepFool: ρ̂ from the stored δ, over the images it attacked (the paper's ρ̂)
+    if stats["method"] == "deepfool":  # ρ̂ from the stored δ, over the images it attacked (the paper's ρ̂)
         attacked = clean_ok if stats.get("label_source", "true") == "true" else np.ones(n, bool)
         out["deepfool"] = {
             "rho": metrics.robustness_rho(col["l2"][attacked].astype(np.float64), x_l2[attacked]),
             "attacked": int(attacked.sum()),
             "mean_r_l2": float(col["l2"][attacked].mean()) if attacked.any() else None,
+            "median_r_l2": float(np.median(col["l2"][attacked])) if attacked.any() else None,
             "mean_iterations": float(col["iterations"].mean()),
             "converged_rate": _rate(col["converged"]),
         }
+        if "float_l2" in col:  # the float perturbation DeepFool found, before rounding (and lattice steps)
+            out["deepfool"] |= {
+                "float_rho": metrics.robustness_rho(col["float_l2"][attacked].astype(np.float64), x_l2[attacked]),
+                "float_median_r_l2": float(np.median(col["float_l2"][attacked])) if attacked.any() else None,
+            }
+    elif "iterations" in col:  # fgs_until: steps taken until the label changed
+        out["iterations"] = {"mean": float(col["iterations"].mean()), "max": int(col["iterations"].max()),
+                             "converged_rate": _rate(col["converged"])}
+    if "lattice_steps" in col:  # rounding-aware: images that needed steps on the lattice, and how many
+        steps = col["lattice_steps"]
+        out["lattice"] = {"images": int((steps > 0).sum()), "mean_steps": float(steps[steps > 0].mean())
+                          if (steps > 0).any() else 0.0}
     if "rounding_changed" in col:
         out["rounding_changed"] = int(col["rounding_changed"].sum())
 
@@ -168,13 +234,14 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
 
 
 def evaluate_variant(folder: Path, stats: dict, clean: dict[str, CleanSplit], *,
-                     thresholds: tuple[float, float] | None = None) -> tuple[dict, pa.Table]:
+                     thresholds: tuple[float, float] | None = None,
+                     rule: BucketRule | None = None) -> tuple[dict, pa.Table]:
     """Every split of a variant: ({"method", "eps", "direction", "splits": {...}}, per-sample table)."""
     summaries, tables = {}, []
     for split in stats["shards"]:
         if split not in clean:
             raise BadParameter(f"{folder} has a {split!r} split the clean folder lacks")
-        summaries[split], t = evaluate_split(folder, stats, split, clean[split], thresholds=thresholds)
+        summaries[split], t = evaluate_split(folder, stats, split, clean[split], thresholds=thresholds, rule=rule)
         tables.append(t)
     head = {k: stats[k] for k in ("method", "eps", "direction", "norm", "label_source")}
     return {**head, "params": stats["params"], "splits": summaries}, pa.concat_tables(tables)
@@ -184,32 +251,44 @@ def curve_rows(results: dict[str, dict], split: str) -> tuple[list[dict], list[d
     """Rows of the two DVC plots: adversarial accuracy vs ε and cooperative error vs ε, one series per method.
 
     ``results``: {variant name: evaluate_variant summary}. ε = 0 rows carry the
-    clean figures, so every curve starts at the victim's clean accuracy.
+    clean figures, so every curve starts at the victim's clean accuracy. Where
+    the float predictions were audited, a second series per method
+    (``<method> (float)``) gives the same figure on the float images.
     """
-    adv: dict[tuple[str, float], dict] = {}
-    coop: dict[tuple[str, float], dict] = {}
+    adv: dict[tuple[str, str, float], dict] = {}
+    coop: dict[tuple[str, str, float], dict] = {}
     for r in results.values():
         s = r["splits"].get(split)
         if s is None or r["eps"] is None:
             continue
-        if r["direction"] == "adversarial":
-            adv[(r["method"], 0.0)] = {"series": r["method"], "method": r["method"], "eps": 0.0,
-                                          "accuracy": s["clean_accuracy"]}
-            adv[(r["method"], r["eps"])] = {"series": r["method"], "method": r["method"], "eps": r["eps"],
-                                               "accuracy": s["accuracy"]}
-        else:
-            coop[(r["method"], 0.0)] = {"series": r["method"], "method": r["method"], "eps": 0.0, "error": s["clean_error"],
-                                        "negatives_error": s["negatives_error_before"]}
-            coop[(r["method"], r["eps"])] = {"series": r["method"], "method": r["method"], "eps": r["eps"], "error": s["error"],
-                                             "negatives_error": s["negatives_error_after"]}
+        m = r["method"]
+        sides = [("stored", m, s.get("accuracy", 1 - s.get("error", 0.0)))]
+        if "float_accuracy" in s:
+            sides.append(("float", f"{m} (float)", s["float_accuracy"]))
+        for images, series, acc in sides:
+            if r["direction"] == "adversarial":
+                adv[(series, images, 0.0)] = {"series": series, "method": m, "images": images, "eps": 0.0,
+                                              "accuracy": s["clean_accuracy"]}
+                adv[(series, images, r["eps"])] = {"series": series, "method": m, "images": images,
+                                                   "eps": r["eps"], "accuracy": acc}
+            else:
+                coop[(series, images, 0.0)] = {"series": series, "method": m, "images": images, "eps": 0.0,
+                                               "error": s["clean_error"],
+                                               "negatives_error": s["negatives_error_before"]}
+                coop[(series, images, r["eps"])] = {"series": series, "method": m, "images": images,
+                                                    "eps": r["eps"],
+                                                    "error": s["error"] if images == "stored" else 1 - acc,
+                                                    "negatives_error": s["negatives_error_after"]
+                                                    if images == "stored" else None}
     return [adv[k] for k in sorted(adv)], [coop[k] for k in sorted(coop)]
 
 
 def summarize_results(results: dict[str, dict], split: str, *, victim: dict) -> dict:
     """The headline numbers of ``results`` (``evaluate_variant`` summaries by name) on ``split``, for ``dvc metrics``.
 
-    Small on purpose: per variant its accuracy and its success rate (adversarial) or error-rate
-    reduction (cooperative); every other figure stays in the full results file.
+    Small on purpose: per variant its accuracy (stored, and float where audited), fooling rate, and its
+    success rate (adversarial) or error-rate reduction (cooperative); every other figure stays in the
+    full results file.
     """
     variants = {}
     clean = None
@@ -218,11 +297,13 @@ def summarize_results(results: dict[str, dict], split: str, *, victim: dict) -> 
         if s is None:
             continue
         clean = s["clean_accuracy"]
-        head = {"accuracy": s["accuracy"]}
+        head = {"accuracy": s["accuracy"], "fooling_rate": s["fooling_rate"]}
         if r["direction"] == "adversarial":
             head["success_rate"] = s["success_rate"]
         else:
             head["error_rate_reduction"] = s["error_rate_reduction"]
+        if "float_accuracy" in s:
+            head["float_accuracy"] = s["float_accuracy"]
         variants[name] = head
     return {"victim": victim["arch"], "split": split, "clean_accuracy": clean, "variants": variants}
 

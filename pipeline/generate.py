@@ -63,8 +63,11 @@ class AttackParams:
     target: str = "least_likely"  # least_likely | top5_lowest (illc_*)
     candidates: int = 10  # DeepFool
     overshoot: float = 0.02  # DeepFool
-    max_iter: int = 50  # DeepFool
+    max_iter: int = 50  # DeepFool; fgs_until's step limit
     seed: int = 0  # random starts
+    restarts: int = 1  # PGD random restarts (the strongest per image is kept)
+    rounding_aware: bool = True  # minimal and iterative methods finish on the uint8 lattice
+    lattice_steps: int = 0  # at most this many lattice steps per image; 0 = steps (iterative) or max_iter (DeepFool)
 
     def relevant(self, method: str) -> dict:
         """The parameters that affect ``method``'s output (others do not enter its fingerprint)."""
@@ -75,10 +78,25 @@ class AttackParams:
         if kind in ("targeted_single", "targeted_iterative"):
             out["target"] = self.target
         if kind == "random_start":
-            out["seed"] = self.seed
+            out.update(seed=self.seed, restarts=self.restarts)
         if kind == "minimal":
             out.update(candidates=self.candidates, overshoot=self.overshoot, max_iter=self.max_iter)
+        if kind == "until":
+            out.update(step_size=self.step_size or attacks.FGS_UNTIL_STEP, max_iter=self.max_iter)
+        if kind in ROUNDING_AWARE_KINDS:
+            out.update(rounding_aware=self.rounding_aware, lattice_steps=self.lattice_steps_for(method))
         return out
+
+    def lattice_steps_for(self, method: str) -> int:
+        if not self.rounding_aware:
+            return 0
+        default = self.max_iter if get_method(method).kind == "minimal" else self.steps
+        return self.lattice_steps or default
+
+
+# The methods whose stored copies finish on the uint8 lattice (rounding-aware mode): a minimal
+# perturbation or an iterative optimum is exactly what rounding to 8 bits can undo.
+ROUNDING_AWARE_KINDS = ("minimal", "iterative", "targeted_iterative", "random_start")
 
 
 def plan(methods: list[str], eps: list[float]) -> list[Variant]:
@@ -130,11 +148,16 @@ class Batch:
 
 
 def _finish(model: nn.Module, b: Batch, x_adv: Tensor, v: Variant, audit: bool,
-            extra: dict[str, Tensor] | None = None, keep_float: bool = False) -> dict[str, Tensor]:
-    """Round to uint8 inside the ε-ball, classify what is stored, and measure δ; per sample, on the device."""
+            extra: dict[str, Tensor] | None = None, keep_float: bool = False,
+            x_store: Tensor | None = None) -> dict[str, Tensor]:
+    """Round to uint8 inside the ε-ball, classify what is stored, and measure δ; per sample, on the device.
+
+    ``x_adv`` is the float attack; ``x_store`` (rounding-aware methods) the
+    same attack finished on the lattice, which is what gets stored.
+    """
     m = METHODS[v.method]
     direction = m.direction
-    stored = attacks.to_uint8(x_adv, b.x, eps=v.eps, norm=m.norm)
+    stored = attacks.to_uint8(x_adv if x_store is None else x_store, b.x, eps=v.eps, norm=m.norm)
     xs = stored.float().div_(255)
     attacks.check_output(v.method, b.x, xs, v.eps)  # the stored image holds its ε
     with torch.no_grad():
@@ -156,6 +179,7 @@ def _finish(model: nn.Module, b: Batch, x_adv: Tensor, v: Variant, audit: bool,
             fpred = model(x_adv).argmax(1)
         fok = (fpred == b.y) if direction == "cooperative" else (fpred != b.y)
         cols["float_pred"] = fpred
+        cols["float_l2"] = (x_adv - b.x).flatten(1).norm(dim=1)
         cols["rounding_changed"] = fok != ok
     cols.update(extra or {})
     cols["stored"] = stored
@@ -187,25 +211,49 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
             x_adv = attacks.illc_iter(model, b.x, target, eps=v.eps, steps=params.steps, step_size=size)
             extra = {"target": target}
         elif m.kind == "random_start":
-            start = attacks.random_start(tuple(b.x.shape[1:]), v.eps, m.norm, b.seeds).to(b.x.device)
-            x_adv = m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size,
-                         start=start.contiguous(memory_format=torch.channels_last))
+            runs = []
+            for r in range(params.restarts):
+                start = attacks.random_start(tuple(b.x.shape[1:]), v.eps, m.norm,
+                                             attacks.restart_seeds(b.seeds, r)).to(b.x.device)
+                runs.append(m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size,
+                                 start=start.contiguous(memory_format=torch.channels_last)))
+            x_adv = runs[0] if len(runs) == 1 else attacks.best_of_restarts(model, b.label, runs)
         elif m.kind == "minimal":
             r = attacks.deepfool(model, b.x, b.label, candidates=params.candidates, overshoot=params.overshoot,
                                  max_iter=params.max_iter)
             x_adv = r.x
             extra = {"iterations": r.iterations, "converged": r.converged}
+        elif m.kind == "until":
+            x_adv, taken = attacks.fgs_until(model, b.x, b.label, step_size=params.step_size or
+                                             attacks.FGS_UNTIL_STEP, max_iter=params.max_iter)
+            with torch.no_grad():
+                reached = model(x_adv).argmax(1) != b.label
+            extra = {"iterations": taken, "converged": reached}
         else:
             x_adv = m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size)
         attacks.check_output(v.method, b.x, x_adv, v.eps)
-        out[v] = _finish(model, b, x_adv.detach(), v, audit, extra, keep_float)
+        x_adv = x_adv.detach()
+        x_store = None
+        budget = params.lattice_steps_for(v.method) if m.kind in ROUNDING_AWARE_KINDS else 0
+        if budget and m.kind == "minimal":
+            x_store, taken = attacks.deepfool_on_lattice(model, b.x, b.label, x_adv, candidates=params.candidates,
+                                                         overshoot=params.overshoot, max_steps=budget)
+            extra = {**(extra or {}), "lattice_steps": taken}
+        elif budget:
+            targeted = m.kind == "targeted_iterative"
+            x_store, taken = attacks.finish_on_lattice(
+                model, b.x, x_adv, extra["target"] if targeted else b.label, b.y, eps=v.eps, norm=m.norm,
+                sign=-1 if (targeted or m.direction == "cooperative") else 1, direction=m.direction,
+                max_steps=budget, step_size=size)
+            extra = {**(extra or {}), "lattice_steps": taken}
+        out[v] = _finish(model, b, x_adv, v, audit, extra, keep_float, x_store=x_store)
     return out
 
 
 _NUMPY_TYPES = {"clean_pred": np.int16, "adv_pred": np.int16, "float_pred": np.int16, "target": np.int16,
                 "clean_top5": np.int16, "adv_top5": np.int16,
                 "clean_conf": np.float32, "adv_conf": np.float32, "linf": np.float32, "l2": np.float32,
-                "iterations": np.int16}
+                "iterations": np.int16, "lattice_steps": np.int16, "float_l2": np.float32}
 
 
 def _gather(parts: list[dict[str, Tensor]]) -> dict[str, np.ndarray]:

@@ -20,11 +20,12 @@ import copy
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advgen import attacks
 from advgen.errors import BadParameter, unknown
-from advgen.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, train_victim
+from advgen.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, predict, train_victim
 from advgen.victims import Victim
 
 MODES = ("finetune", "scratch", "online_fgsm", "online_pgd")
@@ -102,28 +103,57 @@ def retrain(mode: str, victim: Victim, *, x: Tensor, y: Tensor, recipe: Recipe, 
 
 
 def white_box(model: nn.Module, x: Tensor, y: Tensor, *, method: str, eps: float | None, steps: int,
-              device: torch.device, seed: int = 0, tag: str = "white_box", batch_size: int = 500) -> Tensor:
-    """A fresh attack of ``method`` against ``model`` on uint8 images; returns uint8 images, rounded to nearest.
+              device: torch.device, seed: int = 0, tag: str = "white_box", batch_size: int = 500,
+              label_source: str = "true") -> Tensor:
+    """A fresh attack of ``method`` against ``model`` on uint8 images; returns the uint8 images a stored copy
+    would hold (``attacks.to_uint8``: nearest, inside the ε-ball).
 
     Random starts are seeded per image by (``seed``, ``tag``, index), independent of ``batch_size``.
     """
+    norm = attacks.get_method(method).norm
     out = []
     for lo in range(0, len(x), batch_size):
         xb = x[lo:lo + batch_size].to(device).float().div_(255)
         yb = y[lo:lo + batch_size].to(device)
         seeds = [attacks.sample_seed(seed, tag, lo + i) for i in range(len(xb))]
-        adv = attacks.run(method, model, xb, yb, eps=eps, steps=steps, seeds=seeds)
-        out.append((adv * 255).round_().clamp_(0, 255).to(torch.uint8).cpu())
+        adv = attacks.run(method, model, xb, yb, eps=eps, steps=steps, seeds=seeds, label_source=label_source)
+        out.append(attacks.to_uint8(adv, xb, eps=eps, norm=norm).cpu())
     return torch.cat(out)
 
 
+@torch.no_grad()
+def _loss(model: nn.Module, x: Tensor, y: Tensor, *, device: torch.device, batch_size: int = 1024) -> float:
+    """Mean cross-entropy of ``model`` on uint8 images ``x`` with labels ``y``."""
+    total = 0.0
+    for lo in range(0, len(x), batch_size):
+        logits = model(x[lo:lo + batch_size].to(device).float().div_(255)).float()
+        total += float(F.cross_entropy(logits, y[lo:lo + batch_size].to(device), reduction="sum"))
+    return total / max(1, len(x))
+
+
 def assess(model: nn.Module, *, clean_x: Tensor, clean_y: Tensor, adv_x: Tensor, adv_y: Tensor, method: str,
-           eps: float | None, steps: int, device: torch.device, seed: int = 0) -> dict:
-    """Clean, transferred-adversarial and fresh white-box accuracy of ``model`` (all on test images)."""
+           eps: float | None, steps: int, device: torch.device, seed: int = 0, label_source: str = "true") -> dict:
+    """Clean, transferred-adversarial and fresh white-box accuracy and loss of ``model`` (all on test images).
+
+    For DeepFool also ρ̂ = mean ‖δ‖₂/‖x‖₂ of the fresh attack as stored, over the images it attacked
+    (those classified as the attack label when clean), re-measured on this model as Rana et al. do.
+    """
     model = model.to(device).eval()
-    own = white_box(model, clean_x, clean_y, method=method, eps=eps, steps=steps, device=device, seed=seed)
-    return {
+    own = white_box(model, clean_x, clean_y, method=method, eps=eps, steps=steps, device=device, seed=seed,
+                    label_source=label_source)
+    out = {
         "clean_accuracy": accuracy(model, clean_x, clean_y, device=device),
         "stored_adversarial_accuracy": accuracy(model, adv_x, adv_y, device=device),
         "white_box_accuracy": accuracy(model, own, clean_y, device=device),
+        "clean_loss": _loss(model, clean_x, clean_y, device=device),
+        "stored_adversarial_loss": _loss(model, adv_x, adv_y, device=device),
+        "white_box_loss": _loss(model, own, clean_y, device=device),
     }
+    if method == "deepfool":
+        pred = predict(model, clean_x, device=device)
+        attacked = pred == clean_y.cpu() if label_source == "true" else torch.ones_like(pred, dtype=torch.bool)
+        x0 = clean_x.double().div(255).flatten(1)
+        delta = own.double().div(255).flatten(1) - x0
+        ratio = delta.norm(dim=1) / x0.norm(dim=1).clamp_min(1e-12)
+        out["white_box_rho"] = float(ratio[attacked].mean()) if attacked.any() else None
+    return out

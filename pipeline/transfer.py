@@ -19,16 +19,21 @@ from advgen.variants import read_manifests
 
 
 @torch.no_grad()
-def classify(model: nn.Module, x: Tensor, *, device: torch.device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(top-1 prediction, top-1 probability) of ``model`` on uint8 images ``x`` (N, C, H, W)."""
+def classify(model: nn.Module, x: Tensor, *, device: torch.device, batch_size: int = 256,
+             y: Tensor | None = None) -> tuple[np.ndarray, ...]:
+    """(top-1 prediction, top-1 probability) of ``model`` on uint8 images ``x`` (N, C, H, W);
+    with labels ``y`` also each image's cross-entropy loss."""
     model = model.to(device).eval()
-    preds, confs = [], []
+    preds, confs, losses = [], [], []
     for lo in range(0, len(x), batch_size):
-        p = F.softmax(model(x[lo:lo + batch_size].to(device).float().div_(255)).float(), dim=1)
-        c, k = p.max(1)
+        logits = model(x[lo:lo + batch_size].to(device).float().div_(255)).float()
+        c, k = F.softmax(logits, dim=1).max(1)
         preds.append(k.cpu())
         confs.append(c.cpu())
-    return torch.cat(preds).numpy(), torch.cat(confs).numpy()
+        if y is not None:
+            losses.append(F.cross_entropy(logits, y[lo:lo + batch_size].to(device), reduction="none").cpu())
+    out = (torch.cat(preds).numpy(), torch.cat(confs).numpy())
+    return out + (torch.cat(losses).numpy(),) if y is not None else out
 
 
 def _mean(a: np.ndarray) -> float | None:
@@ -36,8 +41,9 @@ def _mean(a: np.ndarray) -> float | None:
 
 
 def transfer_row(*, stats: dict, folder, split: str, y: np.ndarray, target_pred: np.ndarray,
-                 target_clean_pred: np.ndarray, target_clean_conf: np.ndarray) -> dict:
-    """One cell of the transfer matrix (see the module docstring)."""
+                 target_clean_pred: np.ndarray, target_clean_conf: np.ndarray,
+                 target_loss: np.ndarray | None = None, target_clean_loss: np.ndarray | None = None) -> dict:
+    """One cell of the transfer matrix (see the module docstring); with losses, the mean loss beside accuracy."""
     man = read_manifests(folder, stats["shards"][split])
     src_ok_clean = man["clean_pred"].to_numpy() == y
     src_fooled = man["adv_pred"].to_numpy() != y
@@ -49,6 +55,9 @@ def transfer_row(*, stats: dict, folder, split: str, y: np.ndarray, target_pred:
         "method": stats["method"], "eps": stats["eps"], "direction": stats["direction"],
         "source": stats["victim"]["arch"], "split": split, "count": len(y),
         "accuracy": acc, "target_clean_accuracy": clean_acc, "drop": clean_acc - acc,
+        "fooling_rate": float((target_pred != target_clean_pred).mean()),
+        **({"loss": float(target_loss.mean()), "target_clean_loss": float(target_clean_loss.mean())}
+           if target_loss is not None and target_clean_loss is not None else {}),
         "source_accuracy": float((~src_fooled).mean()), "source_clean_accuracy": float(src_ok_clean.mean()),
     }
     if stats["direction"] == "adversarial":

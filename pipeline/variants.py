@@ -117,12 +117,22 @@ def summarize(table: pa.Table) -> dict:
         "clean_accuracy": float(np.mean(col["clean_pred"] == col["label"])) if n else 0.0,
         "accuracy": float(np.mean(col["adv_pred"] == col["label"])) if n else 0.0,
         "success_rate": float(np.mean(col["success"])) if n else 0.0,
+        "fooling_rate": float(np.mean(col["adv_pred"] != col["clean_pred"])) if n else 0.0,
         "mean_linf": float(np.mean(col["linf"])) if n else 0.0,
         "max_linf": float(np.max(col["linf"])) if n else 0.0,
         "mean_l2": float(np.mean(col["l2"])) if n else 0.0,
     }
     if "rounding_changed" in col:
         out["rounding_changed"] = int(np.sum(col["rounding_changed"]))
+    if "float_pred" in col:  # the float images, before rounding (and before any lattice steps)
+        float_ok = col["float_pred"] == col["label"]
+        out["float_accuracy"] = float(np.mean(float_ok)) if n else 0.0
+        out["float_fooling_rate"] = float(np.mean(col["float_pred"] != col["clean_pred"])) if n else 0.0
+        # success as the stored images count it, with the float prediction in place of the stored one
+        flipped = col["rounding_changed"] if "rounding_changed" in col else np.zeros(n, bool)
+        out["float_success_rate"] = float(np.mean(col["success"] != flipped)) if n else 0.0
+    if "lattice_steps" in col:
+        out["lattice_images"] = int(np.sum(col["lattice_steps"] > 0))
     if "iterations" in col:
         out["mean_iterations"] = float(np.mean(col["iterations"])) if n else 0.0
         out["converged_rate"] = float(np.mean(col["converged"])) if n else 0.0

@@ -83,8 +83,8 @@ def defend(
         r["series"] = f"{r['model']}: {r['data']}"
     gauss = [r for r in rows if r["defense"] == "gaussian" and "scale" not in r]
     resample = [r for r in rows if r["defense"] == "resample" and "scale" not in r]
-    write_csv(plots / "gaussian.csv", gauss, ["series", "model", "data", "value", "accuracy"])
-    write_csv(plots / "resample.csv", resample, ["series", "model", "data", "value", "accuracy"])
+    write_csv(plots / "gaussian.csv", gauss, ["series", "model", "data", "value", "accuracy", "fooling_rate"])
+    write_csv(plots / "resample.csv", resample, ["series", "model", "data", "value", "accuracy", "fooling_rate"])
     write_csv(plots / "scaled.csv", [r for r in rows if "scale" in r],
               ["model", "defense", "value", "scale", "accuracy"])
     write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "victim": model.meta.arch, "device": dev.type,

@@ -11,6 +11,7 @@ import typer
 from advgen.clean import open_clean
 from advgen.errors import BadParameter
 from advgen.evaluate import (
+    BucketRule,
     check_thresholds,
     curve_rows,
     evaluate_variant,
@@ -44,6 +45,10 @@ def evaluate(
     plots: Path = typer.Option(..., help="Folder for the plot tables (accuracy_vs_eps.csv, cooperative_error_vs_eps.csv)."),
     samples: Path = typer.Option(..., help="Per-sample parquet table to write."),
     thresholds: list[float] = typer.Option([], help="Two clean-confidence thresholds low/high; none = terciles."),
+    bucket_correct_only: bool = typer.Option(False, help="Buckets hold only images the victim gets right when "
+                                             "clean (Possas's protocol)."),
+    bucket_sample: int = typer.Option(0, help="Draw this many images per bucket (with --seed); 0 = all."),
+    seed: int = typer.Option(0, help="Seeds the images drawn per bucket."),
     curve_split: str = typer.Option("test", help="Split the ε curves are drawn for."),
 ) -> None:
     """Accuracy, top-5, success, confidence buckets, perceptibility and DeepFool's ρ for every variant."""
@@ -53,6 +58,9 @@ def evaluate(
             check_file_target(path, flag)
     check_writable(plots)
     bounds = check_thresholds(thresholds)
+    if bucket_sample < 0:
+        raise BadParameter(f"--bucket-sample must be >= 0, got {bucket_sample}")
+    rule = BucketRule(thresholds=bounds, correct_only=bucket_correct_only, per_bucket=bucket_sample, seed=seed)
     victim_options = dict(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
                           input_shape=input_shape, num_classes=num_classes)
     check_victim_options(**victim_options, required=False)
@@ -72,15 +80,15 @@ def evaluate(
     with bar("evaluate") as b:
         for i, (folder, st) in enumerate(zip(folders, vstats)):
             name = folder.relative_to(adv).as_posix()
-            results[name], table = evaluate_variant(folder, st, {s: cache[s] for s in st["shards"]},
-                                                    thresholds=bounds)
+            results[name], table = evaluate_variant(folder, st, {s: cache[s] for s in st["shards"]}, rule=rule)
             tables.append(table.append_column("folder", pa.array([name] * table.num_rows, pa.string())))
             b.update(i + 1, len(folders), name, line=True)
     victim = vstats[0]["victim"]
     write_parquet(samples, pa.concat_tables(tables))
     adv_rows, coop_rows = curve_rows(results, curve_split)
-    write_csv(plots / "accuracy_vs_eps.csv", adv_rows, ["series", "method", "eps", "accuracy"])
-    write_csv(plots / "cooperative_error_vs_eps.csv", coop_rows, ["series", "method", "eps", "error", "negatives_error"])
+    write_csv(plots / "accuracy_vs_eps.csv", adv_rows, ["series", "method", "images", "eps", "accuracy"])
+    write_csv(plots / "cooperative_error_vs_eps.csv", coop_rows,
+              ["series", "method", "images", "eps", "error", "negatives_error"])
     write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "victim": victim, "adv": adv.as_posix(),
                          "clean": clean.as_posix(), "variants": results})
     if summary is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import typer
 
-from advgen.attacks import METHODS, check_params, get_method
+from advgen.attacks import METHODS, check_params, get_method, uses_eps
 from advgen.cards import split_bytes, variant_card
 from advgen.clean import open_clean
 from advgen.datasets import spec_for, spec_record
@@ -61,13 +61,20 @@ def generate(
                                   "fractions such as 8/255 work. Not used by deepfool."),
     split: list[str] = typer.Option(["train", "test"], help="Splits to copy (repeatable, or comma-separated)."),
     steps: int = typer.Option(10, help="Iterations of bim, d_bim, illc_iter, pgd, pgd_l2."),
-    step_size: float = typer.Option(0.0, help="Step of the iterative methods; 0 = 2.5·ε/steps."),
+    step_size: float = typer.Option(0.0, help="Step of the iterative methods; 0 = 2.5·ε/steps (fgs_until: the "
+                                    "weight of each sign step; 0 = 0.01)."),
     label_source: str = typer.Option("true", help="Gradient label: true, or predicted (the model's top-1)."),
     target: str = typer.Option("least_likely", help="illc_*: least_likely or top5_lowest."),
     candidates: int = typer.Option(10, help="DeepFool: classes considered (top-k)."),
     overshoot: float = typer.Option(0.02, help="DeepFool overshoot."),
-    max_iter: int = typer.Option(50, help="DeepFool iteration limit."),
+    max_iter: int = typer.Option(50, help="DeepFool iteration limit; fgs_until's step limit."),
     seed: int = typer.Option(0, help="Seeds PGD random starts (per image)."),
+    restarts: int = typer.Option(1, help="pgd, pgd_l2: random restarts; per image the first that fools the "
+                                 "victim (else the strongest) is kept."),
+    rounding_aware: bool = typer.Option(True, help="Minimal and iterative methods finish on the uint8 lattice, so "
+                                        "an image whose float result reached the goal reaches it as stored too."),
+    lattice_steps: int = typer.Option(0, help="Rounding-aware mode: lattice steps per image at most; 0 = --steps "
+                                      "(iterative methods) or --max-iter (DeepFool)."),
     batch_size: int = typer.Option(256, help="Images per forward/backward."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (torchrun: cuda:LOCAL_RANK mod GPUs)."),
     workers: int = typer.Option(1, help="Processes encoding PNGs and writing shards while compute goes on; 0 = inline."),
@@ -82,17 +89,22 @@ def generate(
     splits = list(dict.fromkeys(_split_commas(split)))
     for m in methods:
         get_method(m)
-    if any(METHODS[m].kind != "minimal" for m in methods) and not eps_values:
-        raise BadParameter("--eps is required for every method but deepfool")
-    if eps_values and any(METHODS[m].kind == "minimal" for m in methods):
-        log("generate: warning: --eps does not apply to deepfool (it finds each image's own minimal perturbation)"
-            + ("; it applies to the other methods" if any(METHODS[m].kind != "minimal" for m in methods) else ""))
+    without_eps = [m for m in methods if not uses_eps(m)]
+    if len(without_eps) < len(methods) and not eps_values:
+        raise BadParameter(f"--eps is required for every method but {', '.join(n for n in METHODS if not uses_eps(n))}")
+    if eps_values and without_eps:
+        log(f"generate: warning: --eps does not apply to {', '.join(without_eps)} (no ε-ball)"
+            + ("; it applies to the other methods" if len(without_eps) < len(methods) else ""))
+    if lattice_steps < 0:
+        raise BadParameter(f"--lattice-steps must be >= 0, got {lattice_steps}")
     params = AttackParams(steps=steps, step_size=step_size or None, label_source=label_source, target=target,
-                          candidates=candidates, overshoot=overshoot, max_iter=max_iter, seed=seed)
+                          candidates=candidates, overshoot=overshoot, max_iter=max_iter, seed=seed,
+                          restarts=restarts, rounding_aware=rounding_aware, lattice_steps=lattice_steps)
     for m in methods:
-        for e in (eps_values if METHODS[m].kind != "minimal" else [None]):
+        for e in (eps_values if uses_eps(m) else [None]):
             check_params(m, eps=e, steps=steps, step_size=params.step_size, label_source=label_source,
-                         target=target, candidates=candidates, overshoot=overshoot, max_iter=max_iter)
+                         target=target, candidates=candidates, overshoot=overshoot, max_iter=max_iter,
+                         restarts=restarts)
     if batch_size < 1 or workers < 0:
         raise BadParameter("--batch-size must be >= 1 and --workers >= 0")
     check_victim_options(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,

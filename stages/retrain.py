@@ -79,7 +79,7 @@ def retrain(
 
     def measure(model):
         return _drops(assess(model, clean_x=xt, clean_y=yt, adv_x=axt, adv_y=ayt, method=method, eps=eps,
-                             steps=steps, device=dev, seed=seed))
+                             steps=steps, device=dev, seed=seed, label_source=vstats.get("label_source", "true")))
 
     t0 = time.perf_counter()
     original = measure(victim)

@@ -44,7 +44,7 @@ def transfer(
     shas = {n: file_digest(p) for n, p in ckpts.items()}
     xt, yt, _ = load_clean_split(clean, clean_stats, split)
     y = yt.numpy()
-    clean_preds = {n: classify(m, xt, device=dev) for n, m in models.items()}
+    clean_preds = {n: classify(m, xt, device=dev, y=yt) for n, m in models.items()}
     variants = [(src, f, open_variant(f, clean_dir=clean, victim_sha256=shas[src]))
                 for src, root in roots.items() for f in find_variants(root)]
     variants = [(s, f, st) for s, f, st in variants if split in st["shards"]]
@@ -58,9 +58,10 @@ def transfer(
             for tgt, model in models.items():
                 if tgt == src:
                     continue
-                pred, _ = classify(model, x, device=dev)
+                pred, _, loss = classify(model, x, device=dev, y=yt)
                 row = transfer_row(stats=st, folder=folder, split=split, y=y, target_pred=pred,
-                                   target_clean_pred=clean_preds[tgt][0], target_clean_conf=clean_preds[tgt][1])
+                                   target_clean_pred=clean_preds[tgt][0], target_clean_conf=clean_preds[tgt][1],
+                                   target_loss=loss, target_clean_loss=clean_preds[tgt][2])
                 rows.append({"series": f"{row['method']} {src} → {tgt}", "source": src, "target": tgt,
                              **{k: v for k, v in row.items() if k != "source"}})
             b.update(i + 1, len(variants), folder.relative_to(roots[src]).as_posix(), line=True)
@@ -71,7 +72,8 @@ def transfer(
     write_csv(plots / "transfer.csv", rows)
     write_json(metrics, {
         "dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "split": split,
-        "clean_accuracy": {n: float((p == y).mean()) for n, (p, _) in clean_preds.items()},
+        "clean_accuracy": {n: float((p == y).mean()) for n, (p, _, _) in clean_preds.items()},
+        "clean_loss": {n: float(loss.mean()) for n, (_, _, loss) in clean_preds.items()},
         "matrix": matrix, "rows": rows,
     })
     for r in rows:

@@ -195,9 +195,9 @@ def test_accuracies_agree_with_an_independent_look(folders, defended):
 def test_plot_tables(defended):
     rows = json.loads((defended / "metrics.json").read_text())["rows"]
     expected = {
-        "gaussian.csv": (["series", "model", "data", "value", "accuracy"],
+        "gaussian.csv": (["series", "model", "data", "value", "accuracy", "fooling_rate"],
                          [r for r in rows if r["defense"] == "gaussian" and "scale" not in r]),
-        "resample.csv": (["series", "model", "data", "value", "accuracy"],
+        "resample.csv": (["series", "model", "data", "value", "accuracy", "fooling_rate"],
                          [r for r in rows if r["defense"] == "resample" and "scale" not in r]),
         "scaled.csv": (["model", "defense", "value", "scale", "accuracy"], [r for r in rows if "scale" in r]),
     }
@@ -207,7 +207,7 @@ def test_plot_tables(defended):
             got = list(csv.reader(f))
         assert got[0] == header
         assert len(got) - 1 == len(want) == counts[name], name
-        assert [[str(r[c]) for c in header] for r in want] == got[1:]
+        assert [["" if r[c] is None else str(r[c]) for c in header] for r in want] == got[1:]
     with open(defended / "plots" / "gaussian.csv", newline="") as f:
         assert all(r["series"] == f"{r['model']}: {r['data']}" for r in csv.DictReader(f))
 
@@ -244,3 +244,22 @@ def test_variant_without_a_test_split(folders, tmp_path):
 ])
 def test_bad_adaptive_attack_is_refused_before_compute(folders, tmp_path, extra, message):
     _refused(_defend(folders, tmp_path, *extra), message, tmp_path)
+
+
+def test_fooling_rate_is_the_share_of_changed_predictions_behind_the_same_defense():
+    from advgen.defend import Setting, sweep
+
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (20, 1, 12, 12), generator=g, dtype=torch.uint8)
+    adv = (x.int() + torch.randint(-60, 61, x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    y = torch.zeros(20, dtype=torch.int64)
+    rows = sweep({"m": model}, [Setting("gaussian", 0.0), Setting("gaussian", 1.0)],
+                 {"clean": (x, y), "adv": (adv, y)}, device=CPU)
+    blur = GaussianBlur(1.0)
+    with torch.no_grad():
+        for value, defense in ((0.0, nn.Identity()), (1.0, blur)):
+            want = (model(defense(adv.float() / 255)).argmax(1) != model(defense(x.float() / 255)).argmax(1))
+            row = next(r for r in rows if r["value"] == value and r["data"] == "adv")
+            assert row["fooling_rate"] == pytest.approx(want.float().mean().item())
+            assert next(r for r in rows if r["value"] == value and r["data"] == "clean")["fooling_rate"] is None

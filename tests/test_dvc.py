@@ -37,9 +37,11 @@ families:
     candidates: 10
     overshoot: 0.02
     max_iter: 50
+    restarts: 1
+    lattice_steps: 0
     batch_size: 64
     workers: 0
-    flags: {rounding-audit: true, store-float: false}
+    flags: {rounding-audit: true, store-float: false, rounding-aware: true}
 generate:
   mnist-mlp-fast: {dataset: mnist, victim: mlp, <<: *fast}
   mnist-simple_cnn-fast:
@@ -48,8 +50,8 @@ generate:
     victim: simple_cnn
     grid: {method: [fgsm], eps: [0.1], split: [train, test]}
 evaluate:
-  mnist-mlp: {dataset: mnist, victim: mlp, thresholds: {thresholds: []}, curve_split: test}
-  mnist-simple_cnn: {dataset: mnist, victim: simple_cnn, thresholds: {thresholds: [0.5, 0.9]}, curve_split: test}
+  mnist-mlp: {dataset: mnist, victim: mlp, buckets: {thresholds: [], bucket-correct-only: false, bucket-sample: 0}, curve_split: test}
+  mnist-simple_cnn: {dataset: mnist, victim: simple_cnn, buckets: {thresholds: [0.5, 0.9], bucket-correct-only: true, bucket-sample: 5}, curve_split: test}
 transfer:
   mnist: {dataset: mnist, victims: {victim: [mlp, simple_cnn]}, split: test}
 retrain:
@@ -126,8 +128,8 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
                   "transfer@mnist", "retrain@mnist-mlp", "defend@mnist-mlp", "report"):
         assert f"Running stage '{stage}'" in out, stage
     assert "--method fgsm --method d_fgsm --eps 0.05 --eps 0.1 --split test" in out
-    assert "--rounding-audit --no-store-float" in out  # booleans from params, both spellings
-    assert "--thresholds 0.5 --thresholds 0.9" in out
+    assert "--rounding-audit --no-store-float --rounding-aware" in out  # booleans from params, both spellings
+    assert "--thresholds 0.5 --thresholds 0.9 --bucket-correct-only --bucket-sample 5" in out
     evaluation = json.loads((profile / "metrics/mnist/mlp/evaluate.json").read_text())
     assert set(evaluation["variants"]) == {f"fast/{m}/eps={e}" for m in ("fgsm", "d_fgsm") for e in ("0.05", "0.1")}
     transfer = json.loads((profile / "metrics/mnist/transfer.json").read_text())

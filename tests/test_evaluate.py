@@ -224,15 +224,22 @@ def test_deepfool_rho_by_hand(data, evaluated):
 def test_plot_tables_start_at_clean_accuracy_with_one_row_per_eps(data, evaluated):
     with open(evaluated / "plots" / "accuracy_vs_eps.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {"method", "eps", "accuracy"} <= set(rows[0])
+    assert {"method", "images", "eps", "accuracy"} <= set(rows[0])
+    floats = [r for r in rows if r["images"] == "float"]
+    rows = [r for r in rows if r["images"] == "stored"]
     assert all(r.get("series", r["method"]) == r["method"] for r in rows)  # one series per method
     h = {e: _hand(data, f"fgsm/eps={e}", "test") for e in EPS}
     want = [("fgsm", 0.0, h["0.1"]["clean_accuracy"])] + [("fgsm", float(e), h[e]["accuracy"]) for e in EPS]
     assert [(r["method"], float(r["eps"])) for r in rows] == [(m, e) for m, e, _ in want]
     assert [float(r["accuracy"]) for r in rows] == pytest.approx([a for _, _, a in want])
+    # The float series beside it: the same ε, accuracy of the float images (the audited predictions).
+    assert all(r["series"] == "fgsm (float)" for r in floats)
+    want = [h["0.1"]["clean_accuracy"]] + [np.mean(np.array(h[e]["man"]["float_pred"]) == np.array(h[e]["man"]["label"]))
+                                         for e in EPS]
+    assert [float(r["accuracy"]) for r in floats] == pytest.approx(want)
 
     with open(evaluated / "plots" / "cooperative_error_vs_eps.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r["images"] == "stored"]
     assert {"method", "eps", "error", "negatives_error"} <= set(rows[0])
     assert all(r.get("series", r["method"]) == r["method"] for r in rows)
     h = {e: _hand(data, f"d_fgsm/eps={e}", "test") for e in EPS}
@@ -287,6 +294,7 @@ def test_curve_rows_by_hand():
     acc, err = curve_rows(results, "test")
     for row in acc + err:  # an optional series column names the curve: one per method
         assert row.pop("series", row["method"]) == row["method"]
+        assert row.pop("images") == "stored"  # no float predictions audited here: no float series
     assert acc == [
         {"method": "bim", "eps": 0.0, "accuracy": 0.9}, {"method": "bim", "eps": 0.1, "accuracy": 0.2},
         {"method": "fgsm", "eps": 0.0, "accuracy": 0.9}, {"method": "fgsm", "eps": 0.1, "accuracy": 0.5},

@@ -346,3 +346,24 @@ def test_finetune_checkpoint_records_the_learning_rate_it_was_trained_with(folde
 def test_cli_bad_online_eps_is_refused_before_compute(folders, tmp_path):
     result = _retrain(folders, tmp_path, "--mode", "finetune", "--mode", "online_fgsm", "--online-eps", "0")
     _refused(result, "eps", tmp_path)
+
+
+def test_assess_gives_losses_and_remeasures_deepfool_rho_on_the_model():
+    from advgen.retrain import assess, white_box
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randint(0, 256, (24, 1, 6, 6), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        y = model(x.float() / 255).argmax(1)
+    y[:5] = (y[:5] + 1) % 4  # five images wrong when clean: DeepFool leaves them, ρ̂ leaves them out
+    got = assess(model, clean_x=x, clean_y=y, adv_x=x, adv_y=y, method="deepfool", eps=None, steps=1, device=CPU)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x.float() / 255), y).item()
+    assert got["clean_loss"] == pytest.approx(loss, rel=1e-5) and got["stored_adversarial_loss"] == pytest.approx(loss, rel=1e-5)
+    own = white_box(model, x, y, method="deepfool", eps=None, steps=1, device=CPU)
+    x0, xa = x.double().flatten(1) / 255, own.double().flatten(1) / 255
+    rho = ((xa - x0).norm(dim=1) / x0.norm(dim=1))[5:].mean().item()
+    assert got["white_box_rho"] == pytest.approx(rho) and rho > 0
+    with torch.no_grad():
+        assert got["white_box_loss"] == pytest.approx(F.cross_entropy(model(own.float() / 255), y).item(), rel=1e-5)

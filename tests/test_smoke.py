@@ -85,7 +85,7 @@ def test_smoke_profile_runs_every_stage_of_the_full_study(tmp_path, cli_env):
     profile = repo / "smoke"
     for ds in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
         stats = json.loads((profile / "data" / ds / "clean" / "_stats.json").read_text())
-        assert stats["counts"] == {"train": 32, "test": 32} and stats["source"]["verification"] == "unverified"
+        assert stats["counts"] == {"train": 16, "test": 16} and stats["source"]["verification"] == "unverified"
         summary = json.loads((profile / "metrics" / ds / "resnet18" / "summary.json").read_text())
         assert {"fast/fgsm/eps=0.1", "iterative/pgd/eps=0.1", "minimal/deepfool"} <= set(summary["variants"])
     report = (profile / "reports" / "README.md").read_text()

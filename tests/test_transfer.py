@@ -44,11 +44,16 @@ def _transfer(root: Path, out: Path, *victims: str):
                                "--device", "cpu"])
 
 
-def _predict(ckpt: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _predict(ckpt: Path, images: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     model = load(ckpt)
     with torch.no_grad():
-        p = torch.softmax(model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255), dim=1)
-    return p.argmax(1).numpy(), p.max(1).values.numpy()
+        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+        p = torch.softmax(logits, dim=1)
+    out = p.argmax(1).numpy(), p.max(1).values.numpy()
+    if y is None:
+        return out
+    nll = -torch.log_softmax(logits.double(), dim=1)[torch.arange(len(y)), torch.from_numpy(y)]
+    return (*out, nll.numpy())
 
 
 def test_matrix_and_confidence_split_by_hand(study, tmp_path):
@@ -62,10 +67,13 @@ def test_matrix_and_confidence_split_by_hand(study, tmp_path):
         folder = study / "adv" / src / method / "eps=0.1"
         _, adv, y_adv = read_split(folder, "test")
         assert np.array_equal(y_adv, y)
-        pred, _ = _predict(study / "victims" / f"{tgt}.pt", adv)
-        clean_pred, clean_conf = _predict(study / "victims" / f"{tgt}.pt", clean)
+        pred, _, loss = _predict(study / "victims" / f"{tgt}.pt", adv, y)
+        clean_pred, clean_conf, clean_loss = _predict(study / "victims" / f"{tgt}.pt", clean, y)
         acc, clean_acc = float(np.mean(pred == y)), float(np.mean(clean_pred == y))
         assert row["accuracy"] == pytest.approx(acc) and row["target_clean_accuracy"] == pytest.approx(clean_acc)
+        assert row["fooling_rate"] == pytest.approx(float(np.mean(pred != clean_pred)))
+        assert row["loss"] == pytest.approx(loss.mean(), rel=1e-5)  # loss beside accuracy (Johnson's tables)
+        assert row["target_clean_loss"] == pytest.approx(clean_loss.mean(), rel=1e-5)
         assert row["drop"] == pytest.approx(clean_acc - acc)
         assert got["matrix"][f"{method}@0.1"][src][tgt] == pytest.approx(acc)
         man = read_manifest(folder, "test")
