@@ -32,7 +32,7 @@ fashion-mnist:
 
 # Profiles (demo/ and the others) are DVC projects of their own; their dvc.yaml is generated from the
 # root dvc.yaml by `advgen profile`. Run this after editing dvc.yaml; a test fails while one is stale.
-PROFILES := demo
+PROFILES := demo smoke $(sort $(dir $(wildcard studies/*/*/params.yaml)))
 
 profiles: install
 	$(BIN)/advgen profile $(PROFILES)

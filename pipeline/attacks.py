@@ -32,7 +32,8 @@ from advgen.errors import BadParameter, unknown
 
 Norm = Literal["linf", "l2", "none"]
 Direction = Literal["adversarial", "cooperative"]
-Kind = Literal["single", "targeted_single", "iterative", "targeted_iterative", "random_start", "minimal", "until"]
+Kind = Literal["single", "targeted_single", "iterative", "targeted_iterative", "random_start", "minimal", "until",
+               "universal"]
 
 
 # --- gradients and per-sample helpers -------------------------------------------------------------
@@ -297,6 +298,78 @@ def fgs_until(model: nn.Module, x: Tensor, y: Tensor, *, step_size: float, max_i
     return x_adv, steps
 
 
+# --- universal adversarial perturbations -----------------------------------------------------------
+
+@dataclass
+class UapFit:
+    delta: Tensor  # (C, H, W) float32, inside the ξ-ball
+    fooling_rate: float  # on the fitting images when fitting stopped
+    passes: int
+    history: list[float]  # fooling rate after each pass
+
+
+def _into_ball(v: Tensor, eps: float, norm: Norm) -> Tensor:
+    if norm == "linf":
+        return v.clamp(-eps, eps)
+    return v * (eps / v.norm().clamp_min(1e-12)).clamp(max=1.0)
+
+
+def uap(x: Tensor, *, delta: Tensor) -> Tensor:
+    """Every image plus the same perturbation ``delta`` (C, H, W), clipped to [0, 1]."""
+    return (x + delta).clamp(0, 1)
+
+
+@torch.no_grad()
+def fooling_rate(model: nn.Module, x: Tensor, delta: Tensor, *, batch_size: int = 512) -> float:
+    """Fraction of images whose predicted label changes when ``delta`` is added (Moosavi-Dezfooli et al., 2017)."""
+    changed = 0
+    for lo in range(0, len(x), batch_size):
+        xb = x[lo:lo + batch_size]
+        changed += int((model(xb).argmax(1) != model(uap(xb, delta=delta)).argmax(1)).sum())
+    return changed / max(1, len(x))
+
+
+def fit_uap(model: nn.Module, x: Tensor, *, eps: float, norm: Norm, target_rate: float = 0.8, max_passes: int = 10,
+            batch_size: int = 64, candidates: int = 10, overshoot: float = 0.02, max_iter: int = 50) -> UapFit:
+    """A universal perturbation (Moosavi-Dezfooli et al., CVPR 2017, Alg. 1) fitted on images ``x`` in [0, 1].
+
+    Passes over ``x`` (in the order given: shuffle it beforehand with a
+    seed) until the fooling rate on ``x`` reaches ``target_rate`` or
+    ``max_passes`` passes are done. In each batch, the images the current δ
+    does not fool get DeepFool's minimal step from x + δ (away from their clean
+    prediction), and δ accumulates those steps one by one, projected back onto
+    the ξ-ball (``norm`` linf or l2, radius ``eps``) after each. The paper
+    takes one image at a time, recomputing DeepFool after every update;
+    batching computes a batch's steps at the same δ, which is what makes it
+    fast, and stays deterministic.
+    """
+    if norm not in ("linf", "l2"):
+        raise BadParameter(f"--uap-norm must be linf or l2, got {norm!r}")
+    delta = torch.zeros_like(x[0])
+    history: list[float] = []
+    with torch.no_grad():
+        clean_pred = torch.cat([model(x[lo:lo + 512]).argmax(1) for lo in range(0, len(x), 512)])
+    rate, passes = 0.0, 0
+    for passes in range(1, max_passes + 1):
+        for lo in range(0, len(x), batch_size):
+            xb, yb = x[lo:lo + batch_size], clean_pred[lo:lo + batch_size]
+            xv = uap(xb, delta=delta)
+            with torch.no_grad():
+                still = model(xv).argmax(1) == yb
+            idx = still.nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            r = deepfool(model, xv[idx], yb[idx], candidates=candidates, overshoot=overshoot, max_iter=max_iter)
+            for step, done in zip(r.x - xv[idx], r.converged):
+                if done:  # a step that did not cross (max_iter reached) adds nothing universal
+                    delta = _into_ball(delta + step, eps, norm)
+        rate = fooling_rate(model, x, delta)
+        history.append(rate)
+        if rate >= target_rate:
+            break
+    return UapFit(delta=delta.float(), fooling_rate=rate, passes=passes, history=history)
+
+
 # --- the stored form ------------------------------------------------------------------------------
 
 def ball_steps(eps: float) -> int:
@@ -509,6 +582,8 @@ METHODS: dict[str, Method] = {
     "pgd_l2": Method(pgd_l2, "l2", "adversarial", "random_start"),
     "deepfool": Method(deepfool, "l2", "adversarial", "minimal"),
     "fgs_until": Method(fgs_until, "none", "adversarial", "until"),
+    # One δ for every image; its norm (linf or l2) is a parameter, ``--uap-norm``.
+    "uap": Method(uap, "linf", "adversarial", "universal"),
 }
 
 
@@ -585,11 +660,11 @@ def check_model_and_input(model: nn.Module, x: Tensor) -> None:
         raise ValueError(f"inputs must lie in [0, 1], got [{x.min().item():.4f}, {x.max().item():.4f}]")
 
 
-def check_output(name: str, x: Tensor, x_adv: Tensor, eps: float | None) -> None:
-    """Post-conditions: range, and the ε-ball for the norm-bounded methods."""
+def check_output(name: str, x: Tensor, x_adv: Tensor, eps: float | None, norm: Norm | None = None) -> None:
+    """Post-conditions: range, and the ε-ball for the norm-bounded methods (``norm`` overrides the registry's)."""
     if x_adv.min() < 0 or x_adv.max() > 1:
         raise AssertionError(f"{name} left [0, 1]: [{x_adv.min().item()}, {x_adv.max().item()}]")
-    norm = get_method(name).norm
+    norm = norm or get_method(name).norm
     if eps is None or get_method(name).kind == "minimal":
         return
     if norm == "linf":
@@ -613,15 +688,17 @@ def restart_seeds(seeds: list[int], restart: int) -> list[int]:
 def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, steps: int = 10,
         step_size: float | None = None, label_source: str = "true", target: str = "least_likely",
         seeds: list[int] | None = None, candidates: int = 10, overshoot: float = 0.02,
-        max_iter: int = 50, restarts: int = 1) -> Tensor:
+        max_iter: int = 50, restarts: int = 1, uap_norm: Norm = "linf", uap_passes: int = 10) -> Tensor:
     """Apply method ``name`` to images ``x`` (N, C, H, W) in [0, 1] with labels ``y``; returns floats in [0, 1].
 
     ``label_source="predicted"`` uses the model's top-1 prediction as the
     gradient label. ``seeds`` (one int per image) drive random starts; default
     ``sample_seed(0, "run", i)``; ``restarts`` > 1 runs PGD from that many
     starts and keeps, per image, the first that fools the model (else the
-    strongest). Checks pre- and post-conditions. The result is the float
-    attack; ``to_uint8`` gives what a stored copy holds.
+    strongest). ``uap`` fits one universal perturbation on ``x`` itself
+    (``uap_norm`` ball of radius ``eps``) and adds it to every image. Checks
+    pre- and post-conditions. The result is the float attack; ``to_uint8``
+    gives what a stored copy holds.
     """
     method = get_method(name)
     check_params(name, eps=eps, steps=steps, step_size=step_size, label_source=label_source, target=target,
@@ -637,6 +714,11 @@ def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None 
         out = deepfool(model, x, label, candidates=candidates, overshoot=overshoot, max_iter=max_iter).x
     elif method.kind == "until":
         out, _ = fgs_until(model, x, label, step_size=step_size or FGS_UNTIL_STEP, max_iter=max_iter)
+    elif method.kind == "universal":
+        assert eps is not None
+        fit = fit_uap(model, x, eps=eps, norm=uap_norm, candidates=candidates, overshoot=overshoot, max_iter=max_iter,
+                      max_passes=uap_passes)
+        out = uap(x, delta=fit.delta)
     else:
         assert eps is not None
         size = step_size if step_size is not None else default_step_size(eps, steps)
@@ -654,5 +736,5 @@ def run(name: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None 
             out = runs[0] if restarts == 1 else best_of_restarts(model, label, runs)
         else:
             out = method.fn(model, x, label, eps=eps, steps=steps, step_size=size)
-    check_output(name, x, out, eps)
+    check_output(name, x, out, eps, norm=uap_norm if method.kind == "universal" else None)
     return out.detach()

@@ -212,6 +212,24 @@ def variant_card(spec: DatasetSpec, stats: dict, *, num_bytes: dict[str, int]) -
         "CPU runs with the same inputs are byte-identical.",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in stats['versions'].items())}.",
         "",
+    ]
+    if "universal" in stats:
+        u = stats["universal"]
+        lines += [
+            "## The universal perturbation",
+            "",
+            "![the universal perturbation δ, 127 = 0, scaled to the full grey range](perturbation.png)",
+            "",
+            f"One δ added to every image (then clipped to [0, 1] and rounded): `perturbation.npy`, float32 "
+            f"{'×'.join(map(str, spec.shape))}, no pickle (`numpy.load(path, allow_pickle=False)`). ‖δ‖∞ = "
+            f"{u['linf']:.4f}, ‖δ‖₂ = {u['l2']:.4f} ({u['norm']} ball of radius {u['eps']}). Fitted on "
+            f"{u['fit_images']} {u['fit_split']} images drawn with seed {u['fit_seed']} (Moosavi-Dezfooli et al., "
+            f"2017, DeepFool steps accumulated and projected): fooling rate {u['fooling_rate_fit']:.4f} on them "
+            f"after {u['passes']} pass(es) (target {u['target_rate']}, at most {u['max_passes']}). The picture "
+            f"maps ±{u['picture_scale']:.4f} to black and white.",
+            "",
+        ]
+    lines += [
         "## Results on the stored images (and on the float images before rounding)",
         "",
         "Accuracy, success and fooling rate (the share of images whose predicted label changed, whatever the "

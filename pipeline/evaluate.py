@@ -210,6 +210,9 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
     elif "iterations" in col:  # fgs_until: steps taken until the label changed
         out["iterations"] = {"mean": float(col["iterations"].mean()), "max": int(col["iterations"].max()),
                              "converged_rate": _rate(col["converged"])}
+    if "grad_l2" in col:  # single-step methods: the loss gradient's size (per-sample loss, pixel space)
+        out["gradient"] = {"mean_l2": float(col["grad_l2"].mean()), "mean_linf": float(col["grad_linf"].mean()),
+                           "median_l2": float(np.median(col["grad_l2"]))}
     if "lattice_steps" in col:  # rounding-aware: images that needed steps on the lattice, and how many
         steps = col["lattice_steps"]
         out["lattice"] = {"images": int((steps > 0).sum()), "mean_steps": float(steps[steps > 0].mean())

@@ -68,6 +68,10 @@ class AttackParams:
     restarts: int = 1  # PGD random restarts (the strongest per image is kept)
     rounding_aware: bool = True  # minimal and iterative methods finish on the uint8 lattice
     lattice_steps: int = 0  # at most this many lattice steps per image; 0 = steps (iterative) or max_iter (DeepFool)
+    uap_norm: str = "linf"  # uap: the ball δ lives in (linf | l2)
+    uap_target: float = 0.8  # uap: stop fitting once this fooling rate is reached on the fitting images
+    uap_passes: int = 10  # uap: at most this many passes over the fitting images
+    uap_images: int = 2000  # uap: training images δ is fitted on (drawn with the seed)
 
     def relevant(self, method: str) -> dict:
         """The parameters that affect ``method``'s output (others do not enter its fingerprint)."""
@@ -85,7 +89,15 @@ class AttackParams:
             out.update(step_size=self.step_size or attacks.FGS_UNTIL_STEP, max_iter=self.max_iter)
         if kind in ROUNDING_AWARE_KINDS:
             out.update(rounding_aware=self.rounding_aware, lattice_steps=self.lattice_steps_for(method))
+        if kind == "universal":
+            out.update(uap_norm=self.uap_norm, uap_target=self.uap_target, uap_passes=self.uap_passes,
+                       uap_images=self.uap_images, seed=self.seed, candidates=self.candidates,
+                       overshoot=self.overshoot, max_iter=self.max_iter)
         return out
+
+    def norm_of(self, method: str) -> str:
+        """The norm of ``method``'s ball: the registry's, or ``uap_norm`` for the universal perturbation."""
+        return self.uap_norm if get_method(method).kind == "universal" else get_method(method).norm
 
     def lattice_steps_for(self, method: str) -> int:
         if not self.rounding_aware:
@@ -135,6 +147,61 @@ def fingerprint(variant: Variant, params: AttackParams, *, victim_sha256: str, c
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+# --- universal perturbations: fitted once per variant, stored beside its shards ------------------
+
+UAP_FILES = ("perturbation.npy", "perturbation.png", "perturbation.json")
+
+
+def uap_fitting_images(x_train: Tensor, n: int, seed: int) -> Tensor:
+    """The ``n`` training images δ is fitted on, in a seeded random order (uint8 (n, C, H, W))."""
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:n]
+    return x_train[order]
+
+
+def fit_universal(model: nn.Module, x_fit: Tensor, v: Variant, params: AttackParams,
+                  device: torch.device) -> tuple[np.ndarray, dict]:
+    """Fit ``v``'s universal perturbation on uint8 images ``x_fit``; returns (δ as float32 (C, H, W), fit facts)."""
+    x = x_fit.to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+    fit = attacks.fit_uap(model, x, eps=v.eps, norm=params.uap_norm, target_rate=params.uap_target,  # type: ignore[arg-type]
+                          max_passes=params.uap_passes, candidates=params.candidates, overshoot=params.overshoot,
+                          max_iter=params.max_iter)
+    delta = fit.delta.cpu().numpy().astype(np.float32)
+    info = {"norm": params.uap_norm, "eps": v.eps, "fit_split": "train", "fit_images": int(len(x_fit)),
+            "fit_seed": params.seed, "fooling_rate_fit": fit.fooling_rate, "passes": fit.passes,
+            "history": fit.history, "target_rate": params.uap_target, "max_passes": params.uap_passes,
+            "linf": float(np.abs(delta).max()), "l2": float(np.linalg.norm(delta))}
+    return delta, json.loads(json.dumps(info))
+
+
+def write_universal(folder: Path, delta: np.ndarray, info: dict, fingerprint: str) -> None:
+    """``perturbation.npy`` (float32, no pickle), a picture of δ and the fit facts, atomically, before the shards."""
+    from advgen.shards import encode_png, write_json
+    from advgen.variants import npy_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".perturbation.npy.tmp-{os.getpid()}"
+    tmp.write_bytes(npy_bytes(delta))
+    os.replace(tmp, folder / "perturbation.npy")
+    scale = max(float(np.abs(delta).max()), 1e-12)
+    picture = np.clip(np.rint(127.5 + delta.transpose(1, 2, 0) * (127.5 / scale)), 0, 255).astype(np.uint8)
+    tmp = folder / f".perturbation.png.tmp-{os.getpid()}"
+    tmp.write_bytes(encode_png(picture))
+    os.replace(tmp, folder / "perturbation.png")
+    write_json(folder / "perturbation.json", {**info, "fingerprint": fingerprint, "picture_scale": scale})
+
+
+def read_universal(folder: Path, fingerprint: str) -> np.ndarray | None:
+    """The stored δ of a variant if it was fitted with ``fingerprint``; else None (it must be fitted again)."""
+    try:
+        info = json.loads((folder / "perturbation.json").read_text())
+        if info.get("fingerprint") != fingerprint:
+            return None
+        delta = np.load(folder / "perturbation.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return delta.astype(np.float32) if delta.dtype == np.float32 else None
+
+
 # --- compute ------------------------------------------------------------------------------------
 
 @dataclass
@@ -149,7 +216,7 @@ class Batch:
 
 def _finish(model: nn.Module, b: Batch, x_adv: Tensor, v: Variant, audit: bool,
             extra: dict[str, Tensor] | None = None, keep_float: bool = False,
-            x_store: Tensor | None = None) -> dict[str, Tensor]:
+            x_store: Tensor | None = None, norm: str | None = None) -> dict[str, Tensor]:
     """Round to uint8 inside the ε-ball, classify what is stored, and measure δ; per sample, on the device.
 
     ``x_adv`` is the float attack; ``x_store`` (rounding-aware methods) the
@@ -157,9 +224,10 @@ def _finish(model: nn.Module, b: Batch, x_adv: Tensor, v: Variant, audit: bool,
     """
     m = METHODS[v.method]
     direction = m.direction
-    stored = attacks.to_uint8(x_adv if x_store is None else x_store, b.x, eps=v.eps, norm=m.norm)
+    norm = norm or m.norm
+    stored = attacks.to_uint8(x_adv if x_store is None else x_store, b.x, eps=v.eps, norm=norm)
     xs = stored.float().div_(255)
-    attacks.check_output(v.method, b.x, xs, v.eps)  # the stored image holds its ε
+    attacks.check_output(v.method, b.x, xs, v.eps, norm=norm)  # the stored image holds its ε
     with torch.no_grad():
         probs = F.softmax(model(xs).float(), dim=1)
         clean_probs = F.softmax(b.clean_logits.float(), dim=1)
@@ -189,8 +257,10 @@ def _finish(model: nn.Module, b: Batch, x_adv: Tensor, v: Variant, audit: bool,
 
 
 def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: AttackParams,
-                 audit: bool, keep_float: bool = False) -> dict[Variant, dict[str, Tensor]]:
-    """Every requested variant of one batch; single-step methods share one gradient."""
+                 audit: bool, keep_float: bool = False,
+                 deltas: dict[Variant, Tensor] | None = None) -> dict[Variant, dict[str, Tensor]]:
+    """Every requested variant of one batch; single-step methods share one gradient; a universal
+    perturbation comes fitted, in ``deltas``."""
     out: dict[Variant, dict[str, Tensor]] = {}
     grad = b.grad
     for v in variants:
@@ -202,6 +272,8 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
             if grad is None:
                 grad, _ = attacks.loss_gradient(model, b.x, b.label)
             x_adv = m.fn(b.x, grad=grad, eps=v.eps)
+            # The gradient's own size: what an unsigned step (fgm, d_fgm) is ε times (see the report's FGM note).
+            extra = {"grad_l2": grad.flatten(1).norm(dim=1), "grad_linf": grad.flatten(1).abs().amax(1)}
         elif m.kind == "targeted_single":
             target = attacks.least_likely(b.clean_logits, params.target)  # type: ignore[arg-type]
             x_adv = attacks.illc_fast(model, b.x, target, eps=v.eps)
@@ -229,9 +301,11 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
             with torch.no_grad():
                 reached = model(x_adv).argmax(1) != b.label
             extra = {"iterations": taken, "converged": reached}
+        elif m.kind == "universal":
+            x_adv = attacks.uap(b.x, delta=(deltas or {})[v].to(b.x.device))
         else:
             x_adv = m.fn(model, b.x, b.label, eps=v.eps, steps=params.steps, step_size=size)
-        attacks.check_output(v.method, b.x, x_adv, v.eps)
+        attacks.check_output(v.method, b.x, x_adv, v.eps, norm=params.norm_of(v.method))
         x_adv = x_adv.detach()
         x_store = None
         budget = params.lattice_steps_for(v.method) if m.kind in ROUNDING_AWARE_KINDS else 0
@@ -246,14 +320,16 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
                 sign=-1 if (targeted or m.direction == "cooperative") else 1, direction=m.direction,
                 max_steps=budget, step_size=size)
             extra = {**(extra or {}), "lattice_steps": taken}
-        out[v] = _finish(model, b, x_adv, v, audit, extra, keep_float, x_store=x_store)
+        out[v] = _finish(model, b, x_adv, v, audit, extra, keep_float, x_store=x_store,
+                         norm=params.norm_of(v.method))
     return out
 
 
 _NUMPY_TYPES = {"clean_pred": np.int16, "adv_pred": np.int16, "float_pred": np.int16, "target": np.int16,
                 "clean_top5": np.int16, "adv_top5": np.int16,
                 "clean_conf": np.float32, "adv_conf": np.float32, "linf": np.float32, "l2": np.float32,
-                "iterations": np.int16, "lattice_steps": np.int16, "float_l2": np.float32}
+                "iterations": np.int16, "lattice_steps": np.int16, "float_l2": np.float32,
+                "grad_l2": np.float32, "grad_linf": np.float32}
 
 
 def _gather(parts: list[dict[str, Tensor]]) -> dict[str, np.ndarray]:
@@ -276,7 +352,7 @@ def generate(
     model: nn.Module, *, clean: Path, clean_stats: dict, out: Path, variants: list[Variant],
     splits: list[str], params: AttackParams, victim_sha256: str, device: torch.device, batch_size: int = 256,
     workers: int = 1, store_float: bool = False, rounding_audit: bool = True, rank: int = 0, world_size: int = 1,
-    on_progress: Progress | None = None,
+    on_progress: Progress | None = None, deltas: dict[Variant, Tensor] | None = None,
 ) -> dict[str, int]:
     """Write this rank's share of every variant's shards; returns {"computed": n, "skipped": n} shards.
 
@@ -318,7 +394,7 @@ def generate(
         prefetch(0)
         for j, (task, todo) in enumerate(queue):
             prefetch(j + 1)
-            results, keys, labels = _attack_shard(model, reads.pop(j).result(), task.split, todo, params,
+            results, keys, labels = _attack_shard(model, reads.pop(j).result(), task.split, todo, params, deltas,
                                                   device, batch_size, rounding_audit, store_float)
             for v in todo:
                 cols = results[v]
@@ -370,7 +446,8 @@ def _manifest_columns(keys: list[str], labels: np.ndarray, cols: dict[str, np.nd
 
 
 def _attack_shard(model: nn.Module, images: tuple[Tensor, Tensor, list[str]], split: str, variants: list[Variant],
-                  params: AttackParams, device: torch.device, batch_size: int, audit: bool, keep_float: bool):
+                  params: AttackParams, deltas: dict[Variant, Tensor] | None, device: torch.device, batch_size: int,
+                  audit: bool, keep_float: bool):
     x_u8, y_all, keys = images
     needs_seeds = any(METHODS[v.method].kind == "random_start" for v in variants)
     seeds_all = [attacks.sample_seed(params.seed, split, int(k)) for k in keys] if needs_seeds else [0] * len(keys)
@@ -388,6 +465,6 @@ def _attack_shard(model: nn.Module, images: tuple[Tensor, Tensor, list[str]], sp
                 clean_logits = model(x)
         label = clean_logits.argmax(1) if params.label_source == "predicted" else y
         b = Batch(x=x, y=y, label=label, clean_logits=clean_logits, seeds=seeds_all[lo:lo + batch_size], grad=grad)
-        for v, cols in attack_batch(model, b, variants, params, audit, keep_float).items():
+        for v, cols in attack_batch(model, b, variants, params, audit, keep_float, deltas).items():
             parts[v].append(cols)
     return {v: _gather(p) for v, p in parts.items()}, keys, y_all.cpu().numpy()

@@ -22,7 +22,8 @@ _BLOCK = 512
 MANIFEST_BYTES = 160  # per sample, parquet manifest columns (zstd), rounded up
 CARD_BYTES = 64 << 10  # per folder: card + stats + the file table
 # Parameters (millions) of each victim at 10 classes, 32 px; 4 bytes each in a checkpoint.
-_VICTIM_MPARAMS = {"mlp": 1.6, "simple_cnn": 1.3, "alexnet": 7.5, "resnet18": 11.2, "efficientnet_b0": 4.1}
+_VICTIM_MPARAMS = {"mlp": 1.6, "simple_cnn": 1.3, "alexnet": 7.5, "alexnet_paper": 3.6, "resnet18": 11.2,
+                   "efficientnet_b0": 4.1}
 
 
 def _member(size: int) -> int:

@@ -93,6 +93,9 @@ def render_dvc_yaml(template_text: str, params: dict, *, code: str, template_nam
         raise BadParameter(f"{template_name} has no stages")
     keep = stages_for(template, params)
     stages = {name: _own_params(_replace_code(template["stages"][name], code), params) for name in keep}
+    paper = _lookup(params, "report.options.paper")
+    if isinstance(paper, str) and "report" in stages:  # the paper's numbers are an input of the report
+        stages["report"].setdefault("deps", []).append(paper)
     doc = {k: v for k, v in template.items() if k != "stages"} | {"stages": stages}
     body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=110, allow_unicode=True, default_flow_style=False)
     return GENERATED.format(template=template_name) + body

@@ -125,39 +125,52 @@ def result_files(found: dict) -> list[Path]:
 # --- white-box -------------------------------------------------------------------------------------
 
 def curves(evaluation: dict, split: str = "test") -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """{"sign"|"unsigned"|"cooperative": {method: [(ε, accuracy or error), ...]}} with the clean point at ε = 0."""
+    """{"sign"|"unsigned"|"cooperative": {series: [(ε, accuracy or error), ...]}} with the clean point at ε = 0.
+
+    Each method has its stored series (named after it) and, where the float predictions were audited, a
+    float series ``<method> (float)``.
+    """
     out: dict[str, dict[str, list[tuple[float, float]]]] = {"sign": {}, "unsigned": {}, "cooperative": {}}
     for r in evaluation["variants"].values():
         s = r["splits"].get(split)
         if s is None or r["eps"] is None:
             continue
         if r["direction"] == "cooperative":
-            group, value, clean = "cooperative", s["error"], s["clean_error"]
+            group, clean = "cooperative", s["clean_error"]
+            sides = [(r["method"], s["error"])] + ([(f"{r['method']} (float)", 1 - s["float_accuracy"])]
+                                                    if s.get("float_accuracy") is not None else [])
         else:
             group = "sign" if r["method"] in SIGN_METHODS else "unsigned"
-            value, clean = s["accuracy"], s["clean_accuracy"]
-        pts = out[group].setdefault(r["method"], [(0.0, clean)])
-        pts.append((r["eps"], value))
+            clean = s["clean_accuracy"]
+            sides = [(r["method"], s["accuracy"])] + ([(f"{r['method']} (float)", s["float_accuracy"])]
+                                                       if s.get("float_accuracy") is not None else [])
+        for series, value in sides:
+            out[group].setdefault(series, [(0.0, clean)]).append((r["eps"], value))
     return {g: {m: sorted(set(p)) for m, p in d.items()} for g, d in out.items()}
 
 
 def figure_curves(evaluation: dict, path: Path, title: str) -> Path:
-    """Accuracy vs ε (sign and unsigned methods side by side) and cooperative error vs ε."""
+    """Accuracy vs ε (sign and unsigned methods side by side) and cooperative error vs ε; float images dashed."""
     c = curves(evaluation)
-    fig, axes = _plt().subplots(1, 3, figsize=(13, 3.6), sharex=False)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=False)
     for ax, (group, ylabel, name) in zip(axes, [("sign", "accuracy", "sign-gradient methods (L∞)"),
                                                ("unsigned", "accuracy", "unsigned / L2 methods"),
                                                ("cooperative", "error", "cooperative (error)")]):
-        for method, pts in sorted(c[group].items()):
+        colors: dict[str, object] = {}
+        for series, pts in sorted(c[group].items()):
+            method = series.removesuffix(" (float)")
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=method)
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=series, color=colors.get(method),
+                            ls="--" if series.endswith("(float)") else "-", alpha=0.7 if series.endswith("(float)") else 1)
+            colors.setdefault(method, line.get_color())
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("ε")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel + " (dashed: float images)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         if c[group]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "none generated", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(title)
@@ -295,3 +308,215 @@ def figure_scaled(defend: dict, path: Path, title: str) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+# --- white-box tables: stored and float side by side ------------------------------------------------------
+
+def _pair(s: dict, key: str) -> str:
+    """"stored / float" of a figure, or just stored where no float prediction was audited."""
+    stored = fmt(s.get(key))
+    return stored + (f" / {fmt(s['float_' + key])}" if s.get(f"float_{key}") is not None else "")
+
+
+def whitebox_rows(evaluation: dict, out: Path, split: str = "test") -> list[list[object]]:
+    """One row per variant: accuracy, success (or error reduction) and fooling rate as stored / as float."""
+    rows = []
+    for name, r in evaluation["variants"].items():
+        s = r["splits"].get(split) or next(iter(r["splits"].values()))
+        p = s["perturbation"]
+        effect = "success_rate" if r["direction"] == "adversarial" else "error_rate_reduction"
+        df = s.get("deepfool") or {}
+        rho = fmt(df.get("rho")) + (f" / {fmt(df['float_rho'])}" if df.get("float_rho") is not None else "")
+        card = Path(evaluation["adv"]) / name / "README.md"
+        rows.append([f"[{name}]({rel(card, out)})", r["direction"], s["clean_accuracy"], _pair(s, "accuracy"),
+                     _pair(s, effect), _pair(s, "fooling_rate"), s.get("top5_accuracy"), p["mean_linf"],
+                     p["mean_l2"], p["mean_psnr"], p["mean_ssim"], rho if df else None])
+    return rows
+
+
+WHITEBOX_HEADER = ["variant (card)", "direction", "clean acc.", "acc. stored / float",
+                   "success (error reduction) stored / float", "fooling rate stored / float", "top-5 acc.",
+                   "mean ‖δ‖∞", "mean ‖δ‖₂", "PSNR dB", "SSIM", "DeepFool ρ̂ stored / float"]
+
+
+def rounding_sentences(evaluation: dict, split: str = "test") -> list[str]:
+    """One sentence per method whose results rounding to 8 bits changed: what it did, with the numbers."""
+    by_method: dict[str, list[tuple[object, dict, dict]]] = {}
+    for r in evaluation["variants"].values():
+        s = r["splits"].get(split)
+        if s is not None and s.get("float_accuracy") is not None:
+            by_method.setdefault(r["method"], []).append((r["eps"], s, r))
+    lines = []
+    for method, entries in sorted(by_method.items()):
+        entries.sort(key=lambda e: -1.0 if e[0] is None else e[0])
+        gaps = [(e, s["float_accuracy"] - s["accuracy"], s) for e, s, _ in entries]
+        unchanged = [(e, s["perturbation"]["unchanged"], s["count"]) for e, s, _ in entries]
+        worst = max(gaps, key=lambda g: abs(g[1]))
+        lattice = [s.get("lattice", {}).get("images", 0) for _, s, _ in entries]
+        if abs(worst[1]) < 0.005 and not any(u for _, u, _ in unchanged) and not any(lattice):
+            continue
+        eps = "" if worst[0] is None else f" at ε = {worst[0]:g}"
+        s = worst[2]
+        parts = [f"**{method}**: rounding to 8 bits moved accuracy from {fmt(s['float_accuracy'])} (float) "
+                 f"to {fmt(s['accuracy'])} (stored){eps}"]
+        if any(lattice):
+            parts.append(f"with {max(lattice)} image(s) taking extra steps on the uint8 lattice (rounding-aware "
+                         "mode), so the stored copy keeps what the float attack reached")
+        most = max(unchanged, key=lambda u: u[1])
+        if most[1]:
+            where = "" if most[0] is None else f" at ε = {most[0]:g}"
+            parts.append(f"{most[1]} of {most[2]} stored images{where} are byte-identical to the clean ones "
+                         "(every change rounded away)")
+        lines.append("; ".join(parts) + ".")
+    return lines
+
+
+def bucket_rows(evaluation: dict, split: str = "test") -> tuple[list[list[object]], str]:
+    """Top-1 and top-5 error per clean-confidence bucket, per variant; and a sentence saying how buckets were made."""
+    rows, rule = [], ""
+    for name, r in evaluation["variants"].items():
+        s = r["splits"].get(split) or next(iter(r["splits"].values()))
+        b = s["buckets"]
+        t = b["thresholds"]
+        rule = (f"top-1 probability < {t[0]:.4g}, {t[0]:.4g}–{t[1]:.4g}, ≥ {t[1]:.4g}"
+                + (" (terciles)" if not b.get("correct_only") and t[0] != 0.15 else "")
+                + (", among images the victim gets right when clean" if b.get("correct_only") else "")
+                + (f", at most {b['per_bucket']} drawn per bucket" if b.get("per_bucket") else ""))
+        row: list[object] = [name]
+        for k in ("low", "medium", "high"):
+            row += [b[k]["count"], b[k]["error"], b[k].get("top5_error")]
+        rows.append(row)
+    return rows, rule
+
+
+BUCKET_HEADER = ["variant", "low: n", "top-1 err.", "top-5 err.", "medium: n", "top-1 err.", "top-5 err.",
+                 "high: n", "top-1 err.", "top-5 err."]
+
+
+def fgm_scale_note(evaluation: dict, *, std: list[float], batch: int = 32, split: str = "test") -> str | None:
+    """How FGM's step size depends on the gradient's scale, with this victim's numbers (Agarwal et al. do not say)."""
+    grads = [(r["eps"], r["splits"][split]["gradient"]) for r in evaluation["variants"].values()
+             if r["method"] in ("fgm", "d_fgm") and split in r["splits"] and "gradient" in r["splits"][split]]
+    if not grads:
+        return None
+    g = grads[0][1]
+    var = sum(s * s for s in std) / len(std)
+    return (f"FGM adds ε·∇ₓJ, so its step is as large as the gradient. advgen takes each image's own loss "
+            f"(a per-sample sum, not a batch mean) in pixel space ([0, 1], normalization inside the victim): "
+            f"here the mean ‖∇ₓJ‖₂ is {fmt(g['mean_l2'])} and the mean ‖∇ₓJ‖∞ {fmt(g['mean_linf'])}, so ε = 1 "
+            f"moves an image by ‖δ‖₂ ≈ {fmt(g['mean_l2'])} before clipping. A batch-mean loss over {batch} images "
+            f"(the paper's batch size) divides the gradient by {batch}: its ε = 1 is our ε = {1 / batch:.4g} "
+            f"(mean ‖δ‖₂ ≈ {fmt(g['mean_l2'] / batch)}). A gradient taken in the normalized space "
+            f"(z = (x − μ)/σ, σ² ≈ {var:.4g} here) and stepped there moves x by ε·σ²·∇ₓJ: its ε = 1 is our "
+            f"ε = {var:.4g}. The paper does not say which it used.")
+
+
+# --- the paper's numbers beside ours ------------------------------------------------------------------------
+
+TRANSFER_FIELDS = {"transfer_accuracy": "accuracy", "transfer_loss": "loss", "transfer_fooling_rate": "fooling_rate",
+                   "transfer_clean_accuracy": "target_clean_accuracy", "transfer_clean_loss": "target_clean_loss",
+                   "transfer_conf_transferred": "target_clean_conf_transferred",
+                   "transfer_conf_not_transferred": "target_clean_conf_not_transferred",
+                   "transfer_rate": "transfer_rate"}
+RETRAIN_FIELDS = {"retrain_clean_accuracy": "clean_accuracy", "retrain_adversarial_accuracy":
+                  "stored_adversarial_accuracy", "retrain_clean_loss": "clean_loss",
+                  "retrain_adversarial_loss": "stored_adversarial_loss", "retrain_white_box_accuracy":
+                  "white_box_accuracy", "retrain_white_box_rho": "white_box_rho"}
+EVALUATE_METRICS = ("accuracy", "error", "success_rate", "fooling_rate", "rho", "top1_error", "top5_error")
+PAPER_METRICS = ("clean_accuracy", "clean_error", *EVALUATE_METRICS, *TRANSFER_FIELDS, *RETRAIN_FIELDS,
+                 "defend_accuracy")
+
+
+def paper_value(cell: dict, results: dict) -> float | None:
+    """advgen's number for one cell of a paper's table, in the cell's ``unit`` (``percent``: ×100), or None.
+
+    ``results``: {"evaluate": {(dataset, victim): evaluate.json}, "transfer": {dataset: transfer.json},
+    "retrain": {(dataset, target): retrain.json}, "defend": {(dataset, victim): defend.json},
+    "train": {(dataset, victim): train.json}}.
+    """
+    metric, ds, victim = cell["metric"], cell["dataset"], cell.get("victim")
+    scale = 100.0 if cell.get("unit", "percent") == "percent" else 1.0
+    split = cell.get("split", "test")
+
+    def variant(ev: dict) -> dict | None:
+        for r in ev["variants"].values():
+            if r["method"] == cell.get("method") and (cell.get("eps") is None or r["eps"] is not None
+                                                       and abs(r["eps"] - cell["eps"]) < 1e-9):
+                return r["splits"].get(split)
+        return None
+
+    value: float | None = None
+    if metric in ("clean_accuracy", "clean_error") and (ds, victim) in results.get("train", {}):
+        acc = results["train"][(ds, victim)]["test_accuracy"]
+        value = acc if metric == "clean_accuracy" else 1 - acc
+    elif metric in EVALUATE_METRICS and (ds, victim) in results.get("evaluate", {}):
+        s = variant(results["evaluate"][(ds, victim)])
+        if s is None:
+            return None
+        if metric == "error":
+            value = 1 - s["accuracy"]
+        elif metric == "rho":
+            value = (s.get("deepfool") or {}).get("rho")
+        elif metric in ("top1_error", "top5_error"):
+            b = s["buckets"].get(cell["bucket"], {})
+            value = b.get("error" if metric == "top1_error" else "top5_error")
+        else:
+            value = s.get(metric)
+    elif metric in TRANSFER_FIELDS and ds in results.get("transfer", {}):
+        for r in results["transfer"][ds]["rows"]:
+            if (r["method"], r["source"], r["target"]) == (cell["method"], cell["source"], cell["target"]) and \
+                    (cell.get("eps") is None or r["eps"] is not None and abs(r["eps"] - cell["eps"]) < 1e-9):
+                value = r.get(TRANSFER_FIELDS[metric])
+    elif metric in RETRAIN_FIELDS and (ds, victim) in results.get("retrain", {}):
+        m = results["retrain"][(ds, victim)]["models"].get(cell.get("model", "original"))
+        value = None if m is None else m.get(RETRAIN_FIELDS[metric])
+    elif metric == "defend_accuracy" and (ds, victim) in results.get("defend", {}):
+        for r in results["defend"][(ds, victim)]["rows"]:
+            if r["model"] == cell.get("model", "original") and r["defense"] == "gaussian" and \
+                    abs(r["value"] - cell["sigma"]) < 1e-9 and r["data"].startswith(cell["data"]):
+                value = r["accuracy"]
+    return None if value is None else value * scale
+
+
+def substituted(cell: dict, substitutes: list[dict]) -> tuple[dict, list[str]]:
+    """``cell`` with the profile's stand-ins applied (a dataset or victim a CPU profile cannot run replaced by
+    one it does), and the list of replacements made, e.g. ["mnist → fashion_mnist"]."""
+    out, made = dict(cell), []
+    for sub in substitutes:
+        for key in ("dataset", "victim", "source", "target"):
+            if key in sub and out.get(key) == sub[key]:
+                out[key] = sub["by"]
+                made.append(f"{key} {sub[key]} → {sub['by']}")
+    return out, made
+
+
+def paper_tables(paper: dict, results: dict) -> tuple[list[str], int, int]:
+    """Markdown: each of the paper's tables with its values beside advgen's and the difference.
+
+    A cell is looked up as the paper states it; where this profile has no such result, the paper file's
+    ``substitutes`` (stand-ins a CPU profile runs instead) are tried, and the row says what stood in.
+    Returns (lines, cells compared, cells in the paper). Cells advgen has no result for are listed as such.
+    """
+    lines, compared, total = [], 0, 0
+    substitutes = paper.get("substitutes") or []
+    for t in paper.get("tables", []):
+        rows = []
+        for cell in t["cells"]:
+            cell = {"unit": t.get("unit", "percent"), **cell}
+            total += 1
+            ours, made = paper_value(cell, results), []
+            if ours is None and substitutes:
+                swapped, made = substituted(cell, substitutes)
+                ours = paper_value(swapped, results) if made else None
+            compared += ours is not None
+            label = ", ".join(f"{k} {cell[k]}" for k in ("dataset", "victim", "source", "target", "model", "method",
+                                                          "eps", "bucket", "sigma", "data") if cell.get(k) is not None)
+            rows.append([label, cell["metric"], cell["value"], ours,
+                         None if ours is None else ours - cell["value"],
+                         "; ".join(made) if ours is not None and made else ("–" if ours is not None else "no result here")])
+        lines += [f"**{t['caption']}** ({t['cite']}; {t.get('unit', 'percent')})", "",
+                  table(["cell (as the paper states it)", "metric", "paper", "advgen", "advgen − paper",
+                         "advgen ran instead"], rows)]
+        if t.get("note"):
+            lines += [t["note"], ""]
+    return lines, compared, total

@@ -38,6 +38,7 @@ class Recipe:
     weight_decay: float = 5e-4
     warmup: float = 0.15  # fraction of all steps spent ramping up from 0
     label_smoothing: float = 0.0
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (for recipes that name it, such as a paper's)
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -52,6 +53,8 @@ class Recipe:
             raise BadParameter(f"--warmup must lie in [0, 1), got {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
             raise BadParameter(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise BadParameter(f"--optimizer must be sgd or adam, got {self.optimizer!r}")
 
 
 # Batch size, peak lr and weight decay per victim; epochs per dataset. These are
@@ -61,6 +64,7 @@ _VICTIM_RECIPE = {
     "mlp": dict(batch_size=128, lr=0.05, weight_decay=5e-4),
     "simple_cnn": dict(batch_size=128, lr=0.1, weight_decay=5e-4),
     "alexnet": dict(batch_size=256, lr=0.05, weight_decay=5e-4),
+    "alexnet_paper": dict(batch_size=256, lr=0.05, weight_decay=5e-4),
     "resnet18": dict(batch_size=512, lr=0.2, weight_decay=5e-4),
     "efficientnet_b0": dict(batch_size=256, lr=0.1, weight_decay=5e-5),
 }
@@ -176,8 +180,12 @@ def fit(model: Victim, x: Tensor, y: Tensor, *, recipe: Recipe, seed: int, devic
     steps = n // bs  # drop the ragged last batch: BatchNorm needs more than one sample
     total = steps * recipe.epochs
     log_every = max(1, steps // 10)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr,
+                                                      weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                              nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
     history: list[dict] = []
     start = time.perf_counter()
     step = 0

@@ -140,7 +140,7 @@ def summarize(table: pa.Table) -> dict:
 
 
 def finalize(folder: Path, *, shards: dict[str, list[str]], fingerprint: str, stats_base: dict,
-             render_card) -> dict:
+             render_card, extras: tuple[str, ...] = ()) -> dict:
     """Check every shard of a variant is done, drop stray files, write the card and ``_stats.json`` last.
 
     ``shards``: {split: [tar names]} this variant must hold. ``stats_base``:
@@ -151,7 +151,7 @@ def finalize(folder: Path, *, shards: dict[str, list[str]], fingerprint: str, st
     missing = [n for n in names if not shard_done(folder / n, fingerprint)]
     if missing:
         raise AdvgenError(f"{folder}: {len(missing)} shard(s) missing or stale, e.g. {missing[0]}; rerun generate")
-    keep = {STATS, "README.md"} | set(names) | {n.replace(".tar", ".parquet") for n in names}
+    keep = {STATS, "README.md"} | set(names) | {n.replace(".tar", ".parquet") for n in names} | set(extras)
     for p in folder.iterdir():
         if p.is_file() and p.name not in keep:
             p.unlink()  # shards of an earlier run with other splits or shard sizes
@@ -160,6 +160,8 @@ def finalize(folder: Path, *, shards: dict[str, list[str]], fingerprint: str, st
         meta = pq.read_schema(folder / n.replace(".tar", ".parquet")).metadata
         digests[n] = meta[TAR_SHA_KEY].decode()
         digests[n.replace(".tar", ".parquet")] = file_digest(folder / n.replace(".tar", ".parquet"))
+    for n in extras:  # files beside the shards (a universal perturbation): listed and checksummed too
+        digests[n] = file_digest(folder / n)
     per_split = {s: summarize(read_manifests(folder, shards[s])) for s in shards}
     stats = {
         **stats_base,
@@ -169,6 +171,7 @@ def finalize(folder: Path, *, shards: dict[str, list[str]], fingerprint: str, st
         "splits": per_split,
         "shards": shards,
         "sha256": digests,
+        **({"extras": list(extras)} if extras else {}),
     }
     write_text(folder / "README.md", render_card(stats))
     write_json(folder / STATS, stats)

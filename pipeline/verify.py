@@ -202,6 +202,16 @@ def _stats_consistency(folder: Path, stats: dict) -> list[str]:
                 listed.add(n)
                 if n not in sha:
                     out.append(f"{STATS}: {n} belongs to the {split} split but has no recorded sha256")
+    extras = stats.get("extras") or []
+    allowed_extras = {"perturbation.npy", "perturbation.png", "perturbation.json"}  # a universal perturbation
+    if not isinstance(extras, list) or not set(extras) <= allowed_extras or stats["kind"] != "variant" and extras:
+        out.append(f"{STATS}: extras {_short(extras)} are not files a variant may carry "
+                   f"({', '.join(sorted(allowed_extras))})")
+        extras = []
+    for name in extras:
+        listed.add(name)
+        if name not in sha:
+            out.append(f"{STATS}: {name} is listed as an extra file but has no recorded sha256")
     for name in sorted(set(sha) - listed):
         why = "is not a plain file name" if not _plain_name(name) else "belongs to no split"
         out.append(f"{STATS}: sha256 lists {name!r}, which {why}")

@@ -79,6 +79,30 @@ def _alexnet(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     )
 
 
+def _alexnet_paper(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Agarwal et al.'s AlexNet variant: "5 convolutional layers each followed by max-pooling and ReLU".
+
+    The same widths as ``alexnet`` (64, 192, 384, 256, 256; 3x3, stride 1) but
+    a 2x2 max-pool after every conv layer; pools round up (ceil mode) so 28 px
+    images keep a 1x1 map after five halvings (28, 14, 7, 4, 2, 1), as 32 px do.
+    The paper gives no widths or head: ours are AlexNet's, with the same
+    dropout → 1024 → 1024 → classes head as ``alexnet``.
+    """
+    layers: list[nn.Module] = []
+    widths = (64, 192, 384, 256, 256)
+    prev = in_shape[0]
+    for w in widths:
+        layers += [nn.Conv2d(prev, w, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True), nn.ReLU(inplace=True)]
+        prev = w
+    features = nn.Sequential(*layers, nn.Flatten())
+    return nn.Sequential(
+        features,
+        nn.Dropout(0.5), nn.Linear(_flat_features(features, in_shape), 1024), nn.ReLU(inplace=True),
+        nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(inplace=True),
+        nn.Linear(1024, num_classes),
+    )
+
+
 def _resnet18(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool."""
     import torchvision  # here, not at the top: importing it costs every advgen process over a second
@@ -109,6 +133,7 @@ VICTIMS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
     "mlp": _mlp,
     "simple_cnn": _simple_cnn,
     "alexnet": _alexnet,
+    "alexnet_paper": _alexnet_paper,
     "resnet18": _resnet18,
     "efficientnet_b0": _efficientnet_b0,
 }

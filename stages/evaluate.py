@@ -22,6 +22,7 @@ from advgen.evaluate import (
 )
 from advgen.models import check_victim_options, victim_sha256
 from advgen.shards import write_csv, write_json, write_parquet
+from advgen.victims import load
 from advgen.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
@@ -89,7 +90,11 @@ def evaluate(
     write_csv(plots / "accuracy_vs_eps.csv", adv_rows, ["series", "method", "images", "eps", "accuracy"])
     write_csv(plots / "cooperative_error_vs_eps.csv", coop_rows,
               ["series", "method", "images", "eps", "error", "negatives_error"])
-    write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "victim": victim, "adv": adv.as_posix(),
+    std = None
+    if victim_ckpt is not None:  # the victim's input normalization, for the report's note on FGM's scale
+        std = load(victim_ckpt, dataset=clean_stats["dataset"]).meta.std
+    write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3),
+                         "victim": victim, "victim_std": std, "adv": adv.as_posix(),
                          "clean": clean.as_posix(), "variants": results})
     if summary is not None:
         write_json(summary, summarize_results(results, curve_split, victim=victim))

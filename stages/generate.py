@@ -20,16 +20,26 @@ import typer
 
 from advgen.attacks import METHODS, check_params, get_method, uses_eps
 from advgen.cards import split_bytes, variant_card
-from advgen.clean import open_clean
+from advgen.clean import load_clean_split, open_clean
 from advgen.datasets import spec_for, spec_record
-from advgen.errors import BadParameter
-from advgen.generate import FORMAT_VERSION, AttackParams, fingerprint, plan
+from advgen.errors import AdvgenError, BadParameter
+from advgen.generate import (
+    FORMAT_VERSION,
+    UAP_FILES,
+    AttackParams,
+    fingerprint,
+    fit_universal,
+    plan,
+    read_universal,
+    uap_fitting_images,
+    write_universal,
+)
 from advgen.generate import generate as run_generate
 from advgen.models import check_victim_options, open_victim
 from advgen.outputs import STATS, check_file_target, check_writable
 from advgen.shards import file_digest, write_json
 from advgen.train import resolve_device
-from advgen.variants import finalize
+from advgen.variants import Variant, finalize, invalidate
 from advgen.versions import versions
 from advgen.stages.app import log, parse_number, stage
 from advgen.stages.progress import bar
@@ -75,6 +85,13 @@ def generate(
                                         "an image whose float result reached the goal reaches it as stored too."),
     lattice_steps: int = typer.Option(0, help="Rounding-aware mode: lattice steps per image at most; 0 = --steps "
                                       "(iterative methods) or --max-iter (DeepFool)."),
+    uap_norm: str = typer.Option("linf", help="uap: the ball the universal perturbation lives in, linf or l2 "
+                                 "(radius --eps)."),
+    uap_target: float = typer.Option(0.8, help="uap: stop fitting once this fooling rate is reached on the "
+                                     "fitting images."),
+    uap_passes: int = typer.Option(10, help="uap: at most this many passes over the fitting images."),
+    uap_images: int = typer.Option(2000, help="uap: training images the perturbation is fitted on (drawn with "
+                                   "--seed)."),
     batch_size: int = typer.Option(256, help="Images per forward/backward."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (torchrun: cuda:LOCAL_RANK mod GPUs)."),
     workers: int = typer.Option(1, help="Processes encoding PNGs and writing shards while compute goes on; 0 = inline."),
@@ -97,9 +114,14 @@ def generate(
             + ("; it applies to the other methods" if len(without_eps) < len(methods) else ""))
     if lattice_steps < 0:
         raise BadParameter(f"--lattice-steps must be >= 0, got {lattice_steps}")
+    if uap_norm not in ("linf", "l2"):
+        raise BadParameter(f"--uap-norm must be linf or l2, got {uap_norm!r}")
+    if not 0 < uap_target <= 1 or uap_passes < 1 or uap_images < 1:
+        raise BadParameter("--uap-target must lie in (0, 1], --uap-passes and --uap-images must be >= 1")
     params = AttackParams(steps=steps, step_size=step_size or None, label_source=label_source, target=target,
                           candidates=candidates, overshoot=overshoot, max_iter=max_iter, seed=seed,
-                          restarts=restarts, rounding_aware=rounding_aware, lattice_steps=lattice_steps)
+                          restarts=restarts, rounding_aware=rounding_aware, lattice_steps=lattice_steps,
+                          uap_norm=uap_norm, uap_target=uap_target, uap_passes=uap_passes, uap_images=uap_images)
     for m in methods:
         for e in (eps_values if uses_eps(m) else [None]):
             check_params(m, eps=e, steps=steps, step_size=params.step_size, label_source=label_source,
@@ -140,6 +162,14 @@ def generate(
     log(f"generate: {len(variants)} variant(s) of {stats['dataset']} ({', '.join(splits)}) with "
         f"{model.meta.arch} on {dev}" + (f", rank {rank}/{world}" if world > 1 else ""))
     started = time.perf_counter()
+    clean_sha = file_digest(clean / "_stats.json")
+
+    def fp_of(v: Variant) -> str:
+        return fingerprint(v, params, victim_sha256=victim_sha, clean_sha256=clean_sha, store_float=store_float,
+                           rounding_audit=rounding_audit, batch_size=batch_size, device=dev.type)
+
+    deltas = _universal(model, clean, stats, [v for v in variants if METHODS[v.method].kind == "universal"],
+                        params, out, dev, fp_of, rank=rank, world=world)
     with bar("generate") as b:
         made = [0]  # copies written in this run (images x variants), for the images/s on the progress line
 
@@ -153,30 +183,30 @@ def generate(
             model, clean=clean, clean_stats=stats, out=out, variants=variants, splits=splits, params=params,
             victim_sha256=victim_sha, device=dev, batch_size=batch_size, workers=workers, store_float=store_float,
             rounding_audit=rounding_audit, rank=rank, world_size=world,
-            on_progress=on_progress,
+            on_progress=on_progress, deltas=deltas,
         )
     if world > 1:
         torch.distributed.barrier()
     seconds = time.perf_counter() - started
     if rank == 0:
-        clean_sha = file_digest(clean / "_stats.json")
         for v in variants:
             m = METHODS[v.method]
+            universal = m.kind == "universal"
             base = {
                 "format_version": FORMAT_VERSION, "dataset": stats["dataset"], "method": v.method, "eps": v.eps,
-                "norm": m.norm, "direction": m.direction, "label_source": label_source, "seed": seed,
+                "norm": params.norm_of(v.method), "direction": m.direction, "label_source": label_source, "seed": seed,
                 "params": params.relevant(v.method), "store_float": store_float, "rounding_audit": rounding_audit,
                 "device": dev.type, "batch_size": batch_size, "versions": versions(), "clean_stats_sha256": clean_sha,
                 "shape": stats.get("shape"), "classes": stats.get("classes"),
                 "victim": {"arch": model.meta.arch, "dataset": model.meta.dataset, "sha256": victim_sha,
                            "test_accuracy": model.meta.test_accuracy},
                 **spec_record(spec),  # a dataset its user brought: what verify rebuilds its spec from
+                **({"universal": json.loads((out / v.folder / "perturbation.json").read_text())}
+                   if universal else {}),
             }
-            fp = fingerprint(v, params, victim_sha256=victim_sha, clean_sha256=clean_sha,
-                             store_float=store_float, rounding_audit=rounding_audit, batch_size=batch_size,
-                             device=dev.type)
+            fp = fp_of(v)
             vstats = finalize(out / v.folder, shards={s: stats["shards"][s] for s in splits}, fingerprint=fp,
-                              stats_base=base,
+                              stats_base=base, extras=UAP_FILES if universal else (),
                               render_card=lambda st: variant_card(  # finalize calls it at once: v is this loop's
                                   spec, st, num_bytes=split_bytes(out / v.folder, st["shards"])))
             summary = ", ".join(f"{s} acc {d['accuracy']:.4f} success {d['success_rate']:.4f}"
@@ -198,6 +228,36 @@ def generate(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     log(f"generate: {counts['computed']} shard(s) computed, {counts['skipped']} already done")
+
+
+def _universal(model, clean: Path, stats: dict, variants: list[Variant], params: AttackParams, out: Path,
+               dev: torch.device, fp_of, *, rank: int, world: int) -> dict[Variant, torch.Tensor]:
+    """Each universal variant's δ: fitted on training images by rank 0 (or reused when its fingerprint matches)
+    and stored in the variant folder before any shard, then read by every rank."""
+    if variants and rank == 0:
+        x_train = None
+        for v in variants:
+            folder = out / v.folder
+            if read_universal(folder, fp_of(v)) is not None:
+                continue
+            if x_train is None:
+                x_train, _, _ = load_clean_split(clean, stats, "train")
+                x_fit = uap_fitting_images(x_train, params.uap_images, params.seed)
+            invalidate(folder)  # the variant changes: not complete until its shards follow
+            log(f"generate: fitting the universal perturbation {v.folder} on {len(x_fit)} training images")
+            delta, info = fit_universal(model, x_fit, v, params, dev)
+            write_universal(folder, delta, info, fp_of(v))
+            log(f"generate: {v.folder}: fooling rate {info['fooling_rate_fit']:.4f} on the fitting images after "
+                f"{info['passes']} pass(es); ‖δ‖∞ {info['linf']:.4f}, ‖δ‖₂ {info['l2']:.4f}")
+    if variants and world > 1:
+        torch.distributed.barrier()
+    deltas = {}
+    for v in variants:
+        delta = read_universal(out / v.folder, fp_of(v))
+        if delta is None:
+            raise AdvgenError(f"{out / v.folder}: the universal perturbation is missing or stale")
+        deltas[v] = torch.from_numpy(delta).to(dev)
+    return deltas
 
 
 def _is_variant(folder: Path) -> bool:

@@ -66,7 +66,8 @@ def retrain(
     spec = spec_for(clean_stats)
     t = victim.meta.train
     recipe = Recipe(epochs=epochs or t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
-                    weight_decay=t.get("weight_decay", 5e-4), label_smoothing=t.get("label_smoothing", 0.0))
+                    weight_decay=t.get("weight_decay", 5e-4), label_smoothing=t.get("label_smoothing", 0.0),
+                    optimizer=t.get("optimizer", "sgd"))
 
     x, y, _ = load_clean_split(clean, clean_stats, "train")
     xt, yt, _ = load_clean_split(clean, clean_stats, "test")

@@ -35,6 +35,8 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. Default: the victim's recipe."),
     weight_decay: Optional[float] = typer.Option(None, help="Default: the victim's recipe."),
     label_smoothing: Optional[float] = typer.Option(None, help="Default: 0 (smoothing skews attack results)."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov momentum, the default) or adam; both with "
+                                            "the warm-up and linear decay of the learning rate."),
     seed: int = typer.Option(0, help="Seeds init, dropout, batch order and augmentation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
 ) -> None:
@@ -43,7 +45,8 @@ def train(
     if victim not in VICTIMS:
         raise unknown("victim", victim, VICTIMS)
     overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                       label_smoothing=label_smoothing).items() if v is not None}
+                                       label_smoothing=label_smoothing, optimizer=optimizer).items()
+                 if v is not None}
     recipe = replace(default_recipe(victim, dataset), **overrides)
     recipe.check()
     dev = resolve_device(device)

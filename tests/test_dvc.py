@@ -24,8 +24,8 @@ prepare:
   limit: 200
   verify: structure
 train:
-  mnist-mlp: {dataset: mnist, victim: mlp, epochs: EPOCHS, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0}
-  mnist-simple_cnn: {dataset: mnist, victim: simple_cnn, epochs: 1, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0}
+  mnist-mlp: {dataset: mnist, victim: mlp, epochs: EPOCHS, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0, optimizer: sgd}
+  mnist-simple_cnn: {dataset: mnist, victim: simple_cnn, epochs: 1, batch_size: 32, lr: 0.05, weight_decay: 5.0e-4, label_smoothing: 0.0, optimizer: sgd}
 families:
   fast: &fast
     family: fast
@@ -81,6 +81,7 @@ defend:
     steps: 3
 report:
   samples: 3
+  options: {}
 """
 
 

@@ -21,6 +21,13 @@ EXPECTED_PARAMS = {
         + (flat * 512 + 512) + (512 * 10 + 10)
         for c, flat in ((1, 64 * 5 * 5), (3, 64 * 6 * 6))
     ),
+    # five 3x3 convs (64, 192, 384, 256, 256), each followed by a 2x2 pool: 1x1x256 left on 28 and 32 px,
+    # then 256->1024, 1024->1024, 1024->10
+    "alexnet_paper": tuple(
+        (9 * c * 64 + 64) + (9 * 64 * 192 + 192) + (9 * 192 * 384 + 384) + (9 * 384 * 256 + 256)
+        + (9 * 256 * 256 + 256) + (256 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 10 + 10)
+        for c in (1, 3)
+    ),
 }
 PARAM_RANGES = {"alexnet": (4e6, 9e6), "resnet18": (11.0e6, 11.3e6), "efficientnet_b0": (3.9e6, 4.2e6)}
 
