@@ -142,6 +142,16 @@ def estimate(params: dict) -> Plan:
         image = spec.shape[0] * spec.shape[1] * spec.shape[2]
         sets = len((e.get("grid") or {}).get("adv") or []) + 1 + len((e.get("grid") or {}).get("scale") or [])
         plan.stages.append(StageNeed(f"defend@{key}", 4 << 20, n * image * sets, f"{sets} test sets in memory"))
+    for key, e in (params.get("directions") or {}).items():
+        spec = _spec(e["dataset"])
+        pix = spec.shape[0] * spec.shape[1] * spec.shape[2]
+        # bases: the SVD basis and four family bases (P x P at most) and the drawn picks; the Hessian-vector
+        # products hold (points x probes x 2) perturbed images at a time; every class's eigenvectors (float32)
+        # and the mean Hessian and its eigh (float64); both clean splits as float32
+        disk = (5 * pix * pix + spec.num_classes * pix * 6) * 4 + (1 << 20)
+        memory = (int(e.get("batch_size", 256)) * pix * 4 * 8 + 3 * pix * pix * 8
+                  + spec.num_classes * pix * pix * 4 + sum(spec.counts.get(s, 0) for s in ("train", "test")) * pix * 4)
+        plan.stages.append(StageNeed(f"directions@{key}", disk, memory, f"bases of {pix} pixels"))
     if params.get("report") is not None:
         plan.stages.append(StageNeed("report", 32 << 20, 0, "figures"))
     return plan

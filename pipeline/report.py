@@ -63,7 +63,8 @@ def rel(path: Path, start: Path) -> str:
 # --- which results -----------------------------------------------------------------------------------
 
 def _empty_results() -> dict:
-    return {"train": {}, "generate": {}, "evaluate": {}, "transfer": None, "retrain": {}, "defend": {}}
+    return {"train": {}, "generate": {}, "evaluate": {}, "transfer": None, "retrain": {}, "defend": {},
+            "directions": {}}
 
 
 def declared_results(params: dict, metrics_dir: Path) -> dict[str, dict]:
@@ -93,6 +94,8 @@ def declared_results(params: dict, metrics_dir: Path) -> dict[str, dict]:
         ds(e["dataset"])["retrain"][e["target"]] = metrics_dir / e["dataset"] / e["target"] / "retrain.json"
     for e in entries("defend"):
         ds(e["dataset"])["defend"][e["victim"]] = metrics_dir / e["dataset"] / e["victim"] / "defend.json"
+    for e in entries("directions"):
+        ds(e["dataset"])["directions"][e["victim"]] = metrics_dir / e["dataset"] / e["victim"] / "directions.json"
     return out
 
 
@@ -102,7 +105,7 @@ def scan_results(metrics_dir: Path) -> dict[str, dict]:
     for root in sorted(p for p in Path(metrics_dir).iterdir() if p.is_dir()):
         found = _empty_results()
         for v in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "plots"):
-            for kind in ("train", "evaluate", "retrain", "defend"):
+            for kind in ("train", "evaluate", "retrain", "defend", "directions"):
                 if (v / f"{kind}.json").is_file():
                     found[kind][v.name] = v / f"{kind}.json"
             gens = sorted(v.glob("generate-*.json"))
@@ -118,7 +121,8 @@ def scan_results(metrics_dir: Path) -> dict[str, dict]:
 def result_files(found: dict) -> list[Path]:
     """Every path in one dataset's entry of ``declared_results`` / ``scan_results``."""
     paths = [*found["train"].values(), *found["evaluate"].values(), *found["retrain"].values(),
-             *found["defend"].values(), *(p for ps in found["generate"].values() for p in ps)]
+             *found["defend"].values(), *found.get("directions", {}).values(),
+             *(p for ps in found["generate"].values() for p in ps)]
     return paths + ([found["transfer"]] if found["transfer"] is not None else [])
 
 

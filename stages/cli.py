@@ -5,6 +5,7 @@ from __future__ import annotations
 from advgen.stages import (  # noqa: F401 - importing registers the commands
     check,
     defend,
+    directions,
     evaluate,
     generate,
     inspect,

@@ -10,6 +10,7 @@ import typer
 import yaml
 
 from advgen import report as R
+from advgen.directions_report import section
 from advgen.datasets import DATASETS, DatasetSpec, spec_for
 from advgen.errors import BadParameter, CorruptFile
 from advgen.evaluate import find_variants, variant_name
@@ -265,6 +266,10 @@ def report(
                    f"ε={df['adaptive']['eps']}).", "",
                    f"![gaussian]({R.rel(g, out)})", "", f"![resample]({R.rel(s, out)})", "",
                    f"![scaled perturbations]({R.rel(f, out)})", ""]
+        for v, dpath in found.get("directions", {}).items():
+            dm = _load(dpath)
+            timing.append([ds, f"directions {v}", dm.get("device"), dm.get("seconds"), None])
+            md += section(dm, figs=figs, out=out, title=f"Class-score directions: {v} (Jetley et al.)")
     if paper_doc is not None:
         md += _paper_section(paper_doc, results)
     md += ["## Timing", "", R.table(["dataset", "stage", "device", "seconds", "images/s"], timing)]

@@ -116,7 +116,7 @@ def test_unknown_names(tmp_path, mnist_clean):
     _fails(["prepare", "--dataset", "imagenet", "--out", str(tmp_path)], "unknown dataset 'imagenet'; known: cifar10")
     _fails(["train", "--dataset", "mnist", "--victim", "vgg", "--clean", str(mnist_clean),
             "--out", str(tmp_path / "v.pt"), "--metrics", str(tmp_path / "m.json")],
-           "unknown victim 'vgg'; known: alexnet, efficientnet_b0, mlp, resnet18, simple_cnn")
+           "unknown victim 'vgg'; known: alexnet, alexnet_paper, efficientnet_b0, mlp, resnet18, simple_cnn")
 
 
 def test_out_of_range_parameters(tmp_path, mnist_clean):

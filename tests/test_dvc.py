@@ -39,6 +39,7 @@ families:
     max_iter: 50
     restarts: 1
     lattice_steps: 0
+    uap: {uap-norm: linf, uap-target: 0.8, uap-passes: 10, uap-images: 2000}
     batch_size: 64
     workers: 0
     flags: {rounding-audit: true, store-float: false, rounding-aware: true}
