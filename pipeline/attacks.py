@@ -483,20 +483,26 @@ def deepfool_on_lattice(model: nn.Module, x: Tensor, y: Tensor, x_float: Tensor,
     steps = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     with torch.no_grad():
         logits0 = model(x)
+        # Only images still classified as y when stored take steps, and each step only moves them: after the one
+        # look at the whole batch, forwards and backwards run on those images alone (at most a few of them).
+        need = (logits0.argmax(1) == y) & (model(d / 255).argmax(1) == y)
     k = min(candidates, logits0.shape[1])
-    attacked = logits0.argmax(1) == y
-    for _ in range(max_steps):
-        xs = (d / 255).requires_grad_(True)
-        out = _fp32_at_least(model(xs))
-        need = attacked & (out.argmax(1) == y)
-        idx = need.nonzero().flatten()
+    idx = need.nonzero().flatten()
+    for _ in range(max_steps + 1):
         if idx.numel() == 0:
             break
-        ranked = out.detach().topk(k, dim=1).indices[idx]
+        xs = (d[idx] / 255).requires_grad_(True)
+        out = _fp32_at_least(model(xs))
+        still = out.argmax(1) == y[idx]
+        idx, xs_rows = idx[still], still.nonzero().flatten()
+        if idx.numel() == 0 or _ == max_steps:
+            break
+        ranked = out.detach()[xs_rows].topk(k, dim=1).indices
         pos = torch.arange(k, device=x.device).expand(len(idx), k).masked_fill(ranked == y[idx, None], k)
         cand = torch.cat([y[idx, None], ranked.gather(1, pos.argsort(dim=1)[:, : k - 1])], dim=1)
-        f = out[idx].gather(1, cand)
-        grads = [torch.autograd.grad(f[:, j].sum(), xs, retain_graph=j < k - 1)[0][idx].flatten(1) for j in range(k)]
+        f = out[xs_rows].gather(1, cand)
+        grads = [torch.autograd.grad(f[:, j].sum(), xs, retain_graph=j < k - 1)[0][xs_rows].flatten(1)
+                 for j in range(k)]
         w = torch.stack([g - grads[0] for g in grads[1:]], dim=1)  # (m, k-1, P)
         fd = (f[:, 1:] - f[:, :1]).detach().abs()
         best = (fd / w.norm(dim=2).clamp_min(1e-12)).argmin(1)
