@@ -189,6 +189,9 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
           "projected onto span(Q) is ī + Q Qᵀ(i − ī), with ī the mean training image. Projected and perturbed "
           "images are fed to the victim as they are, even outside [0, 1].", ""]
     shape = [int(s) for s in _shape(m)]
+    found = findings(m)
+    if found:
+        md += ["#### What it shows, beside the paper's findings", "", *found, ""]
 
     fig = figure_accuracy(m, FAMILIES, figs / f"{stem}-accuracy.png",
                           f"{m['victim']['arch']}: accuracy on images projected onto curvature subspaces",
@@ -276,6 +279,83 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
            f"{len(m['accuracy']['pos']['d'])} (curvature) and {len(m['accuracy']['hi']['d'])} (SVD) points. "
            f"The run took {fmt(m.get('seconds'))} s on {m.get('device')}.", ""]
     return md
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def findings(m: dict) -> list[str]:
+    """One sentence per claim of the paper, each with this run's numbers beside it (Markdown bullet lines).
+
+    The paper's claims (Jetley et al., §4): a few strongly curved directions per class carry the classification
+    while the far more numerous flat ones carry next to none; adversarial perturbations lie mostly in those same
+    directions; DeepFool confined to the directions its perturbations avoid needs far larger norms; and
+    resampling only seems to defend, since δ scaled by a small factor, or an attack on the resampled network,
+    fools it again.
+    """
+    out: list[str] = []
+    acc, clean, c, p = m["accuracy"], m["clean_accuracy"]["test"], m["num_classes"], m["input_dim"]
+    negpos, flat = acc["negpos"], acc["flat"]
+    inner = [i for i, d in enumerate(negpos["d"]) if 0 < negpos["rank"][i] < p]
+    if inner and clean:
+        reach = [i for i in inner if negpos["test"][i] is not None and negpos["test"][i] >= 0.9 * clean]
+        i = reach[0] if reach else inner[-1]
+        d, rank = negpos["d"][i], negpos["rank"][i]
+        j = flat["d"].index(d) if d in flat["d"] else None
+        fl = flat["test"][j] if j is not None else None
+        out.append(
+            f"- **Few curved directions classify, flat ones do not** (Fig. 3 top). With d = {d} most positively and "
+            f"{d} most negatively curved directions per class ({rank} of {p} dimensions) the test accuracy is "
+            f"{_pct(negpos['test'][i])} against {_pct(clean)} on clean images"
+            + (f"; the {d} flattest per class give {_pct(fl)} (chance: {_pct(1 / c)})" if fl is not None else "")
+            + (". As in the paper." if reach and rank <= p / 4 and fl is not None and fl < 0.5 * clean else
+               (f". The paper needs only a few directions per class; here 90% of the clean accuracy takes "
+                f"{_pct(rank / p)} of the input space" if reach else
+                ". Below 90% of the clean accuracy at every d short of the whole space, unlike the paper")
+               + f" (its mean Hessian averages every image of the other classes, this one "
+                 f"{m['params']['curvature_images']} per class)."))
+    fr = m["fractions"]
+    fool = next((k for k in fr if k.split("@")[0] == "deepfool"), None)
+    if fool is not None and inner:
+        i = inner[0]
+        d, rank = negpos["d"][i], negpos["rank"][i]
+        got = fr[fool]["negpos"]["fraction"][i]
+        fl = fr[fool]["flat"]["fraction"][fr[fool]["flat"]["d"].index(d)] if d in fr[fool]["flat"]["d"] else None
+        random = (rank / p) ** 0.5
+        sal = fr.get("saliency", {}).get("negpos", {}).get("fraction", [None] * (i + 1))[i]
+        out.append(
+            f"- **Adversaries live in the curved directions** (Fig. 3 bottom). {got and _pct(got)} of DeepFool's "
+            f"‖δ‖₂ lies in S_neg∪pos at d = {d} per class ({rank} dimensions), against {_pct(random)} for a random "
+            f"direction" + (f" and {_pct(fl)} in the same number of flattest directions" if fl is not None else "")
+            + (f"; saliency maps: {_pct(sal)}" if sal is not None else "") + "."
+            + (" As in the paper." if got is not None and got > 2 * random else " Weaker than the paper's finding."))
+    conf = m["confined"]
+    both = [k for k, d in enumerate(conf["hi"]["d"]) if d < p and conf["hi"]["mean_r_l2"][k] and conf["lo"]["mean_r_l2"][k]]
+    if both:
+        k = both[0]
+        hi, lo = conf["hi"]["mean_r_l2"][k], conf["lo"]["mean_r_l2"][k]
+        out.append(
+            f"- **Confined DeepFool** (Fig. 5). In the top {conf['hi']['d'][k]} singular directions of DeepFool's "
+            f"perturbations it needs ‖r‖₂ = {fmt(hi)}, in the bottom {conf['lo']['d'][k]} {fmt(lo)} ({lo / hi:.1f}×; "
+            f"unconfined: {fmt(conf['hi']['mean_r_l2'][-1])})."
+            + (" As in the paper: the low directions are far from the boundary." if lo > 3 * hi else ""))
+    rows = [r for r in m["resampling"]["rows"] if r["size"] != m["resampling"]["side"]]
+    if rows:
+        r = rows[-1]
+        rates = r["fooling_rate"]
+        f1 = rates.get("1")
+        fmax = max(((float(f), v) for f, v in rates.items() if v is not None), default=None)
+        direct = next((x for x in m["resampling"]["direct"] if x["size"] == r["size"]), None)
+        line = (f"- **Resampling only seems to defend** (Table 1, §4.4). Behind resampling to {r['size']} px the "
+                f"DeepFool copy fools {_pct(f1)} of the images it attacked")
+        if fmax is not None:
+            line += f"; with δ scaled by {fmax[0]:g}, {_pct(fmax[1])}"
+        if direct is not None:
+            line += (f"; DeepFool on the resampled network fools {_pct(direct['deepfool_success'])} with mean "
+                     f"‖r‖₂ {fmt(direct['deepfool_mean_r_l2'])}")
+        out.append(line + ".")
+    return out
 
 
 def _shape(m: dict) -> list[int]:

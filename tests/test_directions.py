@@ -465,3 +465,34 @@ def test_report_section_draws_and_links_every_figure(done, tmp_path):
     assert sorted(links) == pngs and len(pngs) == 6 + len(m["profiles"])
     assert "h = 0.25" in text and "finite differences" in text
     assert "| size | accuracy |" in text
+
+
+def test_findings_quote_the_numbers_and_judge_them_against_the_paper():
+    from advgen.directions_report import findings
+
+    p, c = 100, 4
+    m = {"num_classes": c, "input_dim": p, "clean_accuracy": {"test": 0.8}, "params": {"curvature_images": 5},
+         "accuracy": {"negpos": {"d": [0, 1, 2, 25], "rank": [0, 8, 16, 100], "test": [0.25, 0.5, 0.76, 0.8]},
+                      "flat": {"d": [0, 1, 2, 25], "rank": [0, 4, 8, 100], "test": [0.25, 0.25, 0.3, 0.8]}},
+         "fractions": {"deepfool": {"negpos": {"d": [0, 1, 2, 25], "fraction": [0.0, 0.9, 0.95, 1.0]},
+                                    "flat": {"d": [0, 1, 2, 25], "fraction": [0.0, 0.05, 0.1, 1.0]}},
+                       "saliency": {"negpos": {"d": [0, 1, 2, 25], "fraction": [0.0, 0.7, 0.8, 1.0]}}},
+         "confined": {"hi": {"d": [4, 100], "mean_r_l2": [1.0, 0.5]}, "lo": {"d": [4, 100], "mean_r_l2": [20.0, 0.5]}},
+         "resampling": {"side": 10, "rows": [{"size": 10, "fooling_rate": {"1": 1.0}},
+                                             {"size": 5, "fooling_rate": {"1": 0.1, "2": 0.6, "4": 0.9}}],
+                        "direct": [{"size": 5, "deepfool_success": 1.0, "deepfool_mean_r_l2": 0.7}]}}
+    lines = findings(m)
+    assert len(lines) == 4
+    # d = 2 is the first with >= 90% of the clean accuracy (0.76 >= 0.72); 16 of 100 dimensions is few
+    assert "d = 2 most positively" in lines[0] and "76.0% against 80.0%" in lines[0] and "give 30.0%" in lines[0]
+    assert lines[0].endswith("As in the paper.")
+    # at d = 1 (8 dimensions): 90% of DeepFool's norm vs sqrt(8/100) = 28.3% for a random direction
+    assert "90.0% of DeepFool's" in lines[1] and "28.3% for a random" in lines[1] and "saliency maps: 70.0%" in lines[1]
+    assert "(20.0×" in lines[2] and "As in the paper" in lines[2]
+    assert "to 5 px the DeepFool copy fools 10.0%" in lines[3] and "scaled by 4, 90.0%" in lines[3]
+    assert "fools 100.0% with mean ‖r‖₂ 0.7" in lines[3]
+
+    # the same run where only the whole space classifies: no agreement claimed
+    m["accuracy"]["negpos"]["test"] = [0.25, 0.3, 0.4, 0.8]
+    first = findings(m)[0]
+    assert "Below 90% of the clean accuracy" in first and "As in the paper" not in first
