@@ -482,6 +482,19 @@ def paper_value(cell: dict, results: dict) -> float | None:
     return None if value is None else value * scale
 
 
+def bucket_count(cell: dict, results: dict) -> int | None:
+    """How many images the confidence bucket of a ``bucket`` cell held in advgen's run (None if no such result):
+    a bucket of a few images gives rates that mean little, and the comparison says so."""
+    if not cell.get("bucket") or (cell["dataset"], cell.get("victim")) not in results.get("evaluate", {}):
+        return None
+    for r in results["evaluate"][(cell["dataset"], cell.get("victim"))]["variants"].values():
+        if r["method"] == cell.get("method") and (cell.get("eps") is None or r["eps"] is not None
+                                                   and abs(r["eps"] - cell["eps"]) < 1e-9):
+            b = ((r["splits"].get(cell.get("split", "test")) or {}).get("buckets") or {}).get(cell["bucket"]) or {}
+            return b.get("count")
+    return None
+
+
 def substituted(cell: dict, substitutes: list[dict]) -> tuple[dict, list[str]]:
     """``cell`` with the profile's stand-ins applied (a dataset or victim a CPU profile cannot run replaced by
     one it does), and the list of replacements made, e.g. ["mnist → fashion_mnist"]."""
@@ -508,11 +521,14 @@ def paper_tables(paper: dict, results: dict) -> tuple[list[str], int, int]:
         for cell in t["cells"]:
             cell = {"unit": t.get("unit", "percent"), **cell}
             total += 1
-            ours, made = paper_value(cell, results), []
+            ours, made, used = paper_value(cell, results), [], cell
             if ours is None and substitutes:
                 swapped, made = substituted(cell, substitutes)
-                ours = paper_value(swapped, results) if made else None
+                ours, used = (paper_value(swapped, results), swapped) if made else (None, cell)
             compared += ours is not None
+            n = bucket_count(used, results) if ours is not None else None
+            if n is not None:
+                made = [*made, f"{n} image{'s' if n != 1 else ''} in the bucket"]
             label = ", ".join(f"{k} {cell[k]}" for k in ("dataset", "victim", "source", "target", "model", "method",
                                                           "eps", "bucket", "sigma", "data") if cell.get(k) is not None)
             rows.append([label, cell["metric"], cell["value"], ours,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from advgen import attacks
 from advgen.errors import BadParameter, unknown
+from advgen.generate import ROUNDING_AWARE_KINDS
 from advgen.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, predict, train_victim
 from advgen.victims import Victim
 
@@ -102,22 +103,55 @@ def retrain(mode: str, victim: Victim, *, x: Tensor, y: Tensor, recipe: Recipe, 
                         perturb=perturb)
 
 
+def stored_copy(name: str, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, *, eps: float | None = None,
+                steps: int = 10, step_size: float | None = None, label_source: str = "true",
+                target: str = "least_likely", candidates: int = 10, overshoot: float = 0.02, max_iter: int = 50,
+                rounding_aware: bool = True) -> Tensor:
+    """What a stored copy of ``attacks.run(name, ...)``'s float result ``x_adv`` holds, as uint8 (N, C, H, W).
+
+    Rounding-aware (the default, as in ``advgen generate``): minimal and iterative methods whose float result
+    reached the goal but whose rounded one does not are finished on the uint8 lattice
+    (``attacks.deepfool_on_lattice`` with ``max_iter`` steps, ``attacks.finish_on_lattice`` with ``steps``);
+    every other image, and every image of the other methods, is ``attacks.to_uint8(x_adv)``: nearest, inside
+    the ε-ball.
+    """
+    method = attacks.get_method(name)
+    if not rounding_aware or method.kind not in ROUNDING_AWARE_KINDS:
+        return attacks.to_uint8(x_adv, x, eps=eps, norm=method.norm)
+    with torch.no_grad():
+        logits = model(x)
+    label = logits.argmax(1) if label_source == "predicted" else y
+    if method.kind == "minimal":
+        done, _ = attacks.deepfool_on_lattice(model, x, label, x_adv, candidates=candidates,
+                                              overshoot=overshoot, max_steps=max_iter)
+    else:
+        assert eps is not None
+        targeted = method.kind == "targeted_iterative"
+        done, _ = attacks.finish_on_lattice(
+            model, x, x_adv, attacks.least_likely(logits, target) if targeted else label, y,  # type: ignore[arg-type]
+            eps=eps, norm=method.norm, sign=-1 if (targeted or method.direction == "cooperative") else 1,
+            direction=method.direction, max_steps=steps,
+            step_size=step_size if step_size is not None else attacks.default_step_size(eps, steps))
+    return attacks.to_uint8(done, x, eps=eps, norm=method.norm)
+
+
 def white_box(model: nn.Module, x: Tensor, y: Tensor, *, method: str, eps: float | None, steps: int,
               device: torch.device, seed: int = 0, tag: str = "white_box", batch_size: int = 500,
-              label_source: str = "true") -> Tensor:
+              label_source: str = "true", rounding_aware: bool = True) -> Tensor:
     """A fresh attack of ``method`` against ``model`` on uint8 images; returns the uint8 images a stored copy
-    would hold (``attacks.to_uint8``: nearest, inside the ε-ball).
+    would hold (``stored_copy``: nearest, inside the ε-ball; minimal and iterative methods finished on
+    the uint8 lattice where rounding undid them, as ``advgen generate`` does by default).
 
     Random starts are seeded per image by (``seed``, ``tag``, index), independent of ``batch_size``.
     """
-    norm = attacks.get_method(method).norm
     out = []
     for lo in range(0, len(x), batch_size):
         xb = x[lo:lo + batch_size].to(device).float().div_(255)
         yb = y[lo:lo + batch_size].to(device)
         seeds = [attacks.sample_seed(seed, tag, lo + i) for i in range(len(xb))]
         adv = attacks.run(method, model, xb, yb, eps=eps, steps=steps, seeds=seeds, label_source=label_source)
-        out.append(attacks.to_uint8(adv, xb, eps=eps, norm=norm).cpu())
+        out.append(stored_copy(method, model, xb, adv, yb, eps=eps, steps=steps, label_source=label_source,
+                                       rounding_aware=rounding_aware).cpu())
     return torch.cat(out)
 
 

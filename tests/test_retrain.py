@@ -367,3 +367,35 @@ def test_assess_gives_losses_and_remeasures_deepfool_rho_on_the_model():
     assert got["white_box_rho"] == pytest.approx(rho) and rho > 0
     with torch.no_grad():
         assert got["white_box_loss"] == pytest.approx(F.cross_entropy(model(own.float() / 255), y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method,eps", [("deepfool", None), ("bim", 0.03)])
+def test_fresh_white_box_copies_stay_adversarial_as_stored_like_generated_ones(method, eps):
+    """The fresh attack in retrain/defend stores what `advgen generate` would: finished on the uint8 lattice
+    where rounding undid the float attack (the default), so its accuracy is not inflated by rounding."""
+    from advgen import attacks
+    from advgen.retrain import white_box
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x = torch.randint(0, 256, (200, 1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    xf = x.float() / 255
+    with torch.no_grad():
+        y = model(xf).argmax(1)  # every image right when clean: every one is attacked
+    floats = attacks.run(method, model, xf, y, eps=eps, steps=5)
+    with torch.no_grad():
+        reached = model(floats).argmax(1) != y
+    aware = white_box(model, x, y, method=method, eps=eps, steps=5, device=CPU)
+    plain = white_box(model, x, y, method=method, eps=eps, steps=5, device=CPU, rounding_aware=False)
+    assert aware.dtype == plain.dtype == torch.uint8
+    with torch.no_grad():
+        fooled_aware = model(aware.float() / 255).argmax(1) != y
+        fooled_plain = model(plain.float() / 255).argmax(1) != y
+    assert torch.equal(plain, attacks.to_uint8(floats, xf, eps=eps, norm=attacks.get_method(method).norm))
+    assert (fooled_plain < reached).any()  # plain rounding undoes some of the float attack here ...
+    assert bool(fooled_aware[fooled_plain].all()) and fooled_aware.sum() > fooled_plain.sum()  # ... finishing wins
+    if eps is None:  # DeepFool has no ball: every image the float attack fooled stays fooled as stored
+        assert bool(fooled_aware[reached].all())
+    else:  # inside the ball of ⌊255ε⌋ levels (the float attack had 255ε, so a few may not make it)
+        assert (aware.int() - x.int()).abs().max() <= int(255 * eps)
+        assert fooled_aware[reached].float().mean() > 0.9

@@ -122,7 +122,7 @@ def test_the_comparison_picks_the_right_numbers_from_hand_made_results():
         "evaluate": {("fashion_mnist", "mlp"): {"variants": {
             "fast/fgsm/eps=0.1": {"method": "fgsm", "eps": 0.1, "splits": {"test": {
                 "accuracy": 0.25, "clean_accuracy": 0.9, "success_rate": 0.75, "fooling_rate": 0.7,
-                "buckets": {"high": {"error": 0.5, "top5_error": 0.1}}}}},
+                "buckets": {"high": {"count": 3, "error": 0.5, "top5_error": 0.1}}}}},
             "minimal/deepfool": {"method": "deepfool", "eps": None, "splits": {"test": {
                 "accuracy": 0.01, "deepfool": {"rho": 0.123}, "buckets": {}}}}}}},
         "transfer": {"fashion_mnist": {"rows": [
@@ -156,11 +156,15 @@ def test_the_comparison_picks_the_right_numbers_from_hand_made_results():
         assert got == (pytest.approx(want) if want is not None else None), cell
     paper = {"tables": [{"caption": "c", "cite": "t", "unit": "percent", "cells": [
         {"dataset": "mnist", "victim": "mlp", "method": "fgsm", "eps": 0.1, "metric": "accuracy", "value": 29.0},
-        {"dataset": "cifar10", "victim": "mlp", "metric": "clean_accuracy", "value": 80.0}]}],
+        {"dataset": "cifar10", "victim": "mlp", "metric": "clean_accuracy", "value": 80.0},
+        {"dataset": "mnist", "victim": "mlp", "method": "fgsm", "eps": 0.1, "bucket": "high", "metric": "top1_error",
+         "value": 82.0}]}],
         "substitutes": [{"dataset": "mnist", "by": "fashion_mnist"}]}
     lines, compared, total = R.paper_tables(paper, results)
     text = "\n".join(lines)
-    assert (compared, total) == (1, 2)
+    assert (compared, total) == (2, 3)
+    # the bucket's size beside its rates: 3 images make a rate that means little
+    assert "| top1_error | 82.0 | 50.0 | -32.0 | dataset mnist → fashion_mnist; 3 images in the bucket |" in text
     assert "| dataset mnist, victim mlp, method fgsm, eps 0.1 | accuracy | 29.0 | 25.0 | -4.0000 | dataset mnist → fashion_mnist |" in text
     assert "no result here" in text
 
