@@ -476,9 +476,12 @@ def paper_value(cell: dict, results: dict) -> float | None:
         value = None if m is None else m.get(RETRAIN_FIELDS[metric])
     elif metric == "defend_accuracy" and (ds, victim) in results.get("defend", {}):
         for r in results["defend"][(ds, victim)]["rows"]:
+            # the stored set itself ("<method> (<source>)"), not its scaled-δ rows ("… ×f", which carry a scale)
             if r["model"] == cell.get("model", "original") and r["defense"] == "gaussian" and \
-                    abs(r["value"] - cell["sigma"]) < 1e-9 and r["data"].startswith(cell["data"]):
+                    r.get("scale") is None and abs(r["value"] - cell["sigma"]) < 1e-9 and \
+                    r["data"].split(" (")[0] == cell["data"]:
                 value = r["accuracy"]
+                break
     return None if value is None else value * scale
 
 

@@ -131,7 +131,12 @@ def test_the_comparison_picks_the_right_numbers_from_hand_made_results():
         "retrain": {("fashion_mnist", "simple_cnn"): {"models": {"scratch": {"clean_accuracy": 0.88,
                                                                            "stored_adversarial_loss": 0.5}}}},
         "defend": {("fashion_mnist", "simple_cnn"): {"rows": [
-            {"model": "original", "defense": "gaussian", "value": 0.5, "data": "fgs_until (mlp)", "accuracy": 0.7}]}},
+            {"model": "original", "defense": "gaussian", "value": 0.5, "data": "fgs_until (mlp)", "accuracy": 0.7},
+            # the scaled-δ rows of the same set and σ come after it and must not be taken for it
+            {"model": "original", "defense": "gaussian", "value": 0.5, "data": "fgs_until (mlp) ×2", "scale": 2.0,
+             "accuracy": 0.3},
+            {"model": "original", "defense": "gaussian", "value": 0.5, "data": "fgs_until_more (mlp)",
+             "accuracy": 0.1}]}},
     }
     cells = [
         ({"dataset": "fashion_mnist", "victim": "mlp", "metric": "clean_accuracy"}, 90.0),
