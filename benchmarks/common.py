@@ -37,15 +37,17 @@ CIFAR_COUNTS = {"train": 50000, "test": 10000}
 _SYNTHETIC_VERSION = "pattern-v1"  # change when the synthetic images change: cached archives are rewritten
 
 
-def pattern_images(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 32, 32, 3) uint8 images and labels: each class lights its own 4x4 grid of 8 px cells."""
+def pattern_images(n: int, num_classes: int, seed: int, *, side: int = 32,
+                   channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(N, side, side, channels) uint8 images and labels: each class lights its own 4x4 grid of side/4 px cells
+    on low noise (learnable in one epoch)."""
     templates = np.random.default_rng(1234).choice(1 << 16, size=num_classes, replace=False)
     bits = ((templates[:, None] >> np.arange(16)) & 1).reshape(num_classes, 4, 4).astype(np.uint8)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n).astype(np.int64)
-    cells = np.arange(32) * 4 // 32
-    lit = bits[labels][:, cells][:, :, cells]  # (n, 32, 32)
-    x = rng.integers(0, 40, (n, 32, 32, 3), dtype=np.uint8) + (lit * 160).astype(np.uint8)[..., None]
+    cells = np.arange(side) * 4 // side
+    lit = bits[labels][:, cells][:, :, cells]  # (n, side, side)
+    x = rng.integers(0, 40, (n, side, side, channels), dtype=np.uint8) + (lit * 160).astype(np.uint8)[..., None]
     return x, labels
 
 

@@ -58,7 +58,7 @@ from advgen.clean import load_clean_split, open_clean
 from advgen.shards import file_digest, read_images
 from advgen.train import resolve_device
 from advgen.victims import load
-from common import ROOT, advgen, report_header, table, write_report
+from common import ROOT, advgen, pattern_images, report_header, table, write_report
 
 VICTIMS = ["mlp", "simple_cnn"]
 DEEPFOOL = {"max_iter": 50, "candidates": 10, "overshoot": 0.02}  # advgen's defaults; foolbox gets the same
@@ -79,22 +79,12 @@ def _idx(path: Path, arr: np.ndarray) -> None:
 
 
 def write_tiny_fashion(raw: Path, seed: int = 0) -> None:
-    """Fashion-MNIST-shaped synthetic IDX files (28x28 grey, 10 classes) in the real file layout.
-
-    Each class lights its own 4x4 grid of 7 px cells on low noise: learnable in
-    one epoch, so DeepFool has correctly classified images to attack.
-    """
+    """Fashion-MNIST-shaped synthetic IDX files (28x28 grey, 10 classes, ``common.pattern_images``) in the real
+    file layout: learnable in one epoch, so DeepFool has correctly classified images to attack."""
     raw.mkdir(parents=True, exist_ok=True)
-    templates = np.random.default_rng(1234).choice(1 << 16, size=10, replace=False)
-    bits = ((templates[:, None] >> np.arange(16)) & 1).reshape(10, 4, 4).astype(np.uint8)
-    cells = np.arange(28) * 4 // 28
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        rng = np.random.default_rng(seed + (split == "test"))
-        n = TINY[split]
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        lit = bits[y][:, cells][:, :, cells]
-        x = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8) + (lit * 150).astype(np.uint8)
-        _idx(raw / f"{prefix}-images-idx3-ubyte.gz", x)
+        x, y = pattern_images(TINY[split], 10, seed + (split == "test"), side=28, channels=1)
+        _idx(raw / f"{prefix}-images-idx3-ubyte.gz", x[..., 0])
         _idx(raw / f"{prefix}-labels-idx1-ubyte.gz", y)
 
 
@@ -343,7 +333,8 @@ def print_tables(report: dict) -> None:
                               "fb float succ": p["float_success"], "advgen float succ": s["float_success"],
                               "fb rounded succ": p["stored_success_rounded"], "advgen plain": s["stored_success_plain"],
                               "advgen aware": s["stored_success_aware"], "fb med l2 float": p["median_l2_float"],
-                              "advgen med l2 float": s["median_l2_float"], "fb/advgen": p["median_l2_float_over_advgen"],
+                              "advgen med l2 float": s["median_l2_float"],
+                              "fb/advgen": p["median_l2_float_over_advgen"],
                               "fb med l2 rounded": p["median_l2_stored_rounded"],
                               "advgen med l2 aware": s["median_l2_stored_aware"], "fb s": p["seconds"]})
         for t in v["targets"].values():

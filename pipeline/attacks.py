@@ -514,6 +514,27 @@ def deepfool_on_lattice(model: nn.Module, x: Tensor, y: Tensor, x_float: Tensor,
     return d / 255, steps
 
 
+ROUNDING_AWARE_KINDS = ("minimal", "iterative", "targeted_iterative", "random_start")
+
+
+def finish_stored(name: str, model: nn.Module, x: Tensor, x_float: Tensor, label: Tensor, y: Tensor, *,
+                  eps: float | None, step_size: float, max_steps: int, candidates: int = 10,
+                  overshoot: float = 0.02) -> tuple[Tensor, Tensor]:
+    """Rounding-aware storing of method ``name``'s float result ``x_float`` (a kind in ``ROUNDING_AWARE_KINDS``):
+    DeepFool by ``deepfool_on_lattice`` away from ``label``; iterative methods by ``finish_on_lattice`` along
+    ``label``'s loss (the target class for targeted ones), with the sign and goal of the method's direction.
+    ``y``: the true labels. Returns (lattice images, lattice steps per image)."""
+    m = get_method(name)
+    if m.kind == "minimal":
+        return deepfool_on_lattice(model, x, label, x_float, candidates=candidates, overshoot=overshoot,
+                                   max_steps=max_steps)
+    assert eps is not None
+    targeted = m.kind == "targeted_iterative"
+    return finish_on_lattice(model, x, x_float, label, y, eps=eps, norm=m.norm,
+                             sign=-1 if (targeted or m.direction == "cooperative") else 1, direction=m.direction,
+                             max_steps=max_steps, step_size=step_size)
+
+
 def finish_on_lattice(model: nn.Module, x: Tensor, x_float: Tensor, label: Tensor, y: Tensor, *, eps: float,
                       norm: Norm, sign: int, direction: Direction, max_steps: int,
                       step_size: float) -> tuple[Tensor, Tensor]:

@@ -218,7 +218,8 @@ def mean_hessian(model: nn.Module, points: Tensor, target: int | Tensor, source:
     return (total + total.T) / 2
 
 
-def sketched_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sketched_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Eigenpairs of a symmetric P x P operator seen only through ``hvp`` (P, K) -> (P, K), from 2·``probes``
     products instead of P: Halko, Martinsson & Tropp's randomized range finder (Gaussian probes Ω drawn with
     ``generator``, Q = orth(HΩ)), then the Rayleigh–Ritz step eigh(Qᵀ H Q). Returns (eigenvalues (P,) float64
@@ -515,9 +516,27 @@ def class_profile(model: nn.Module, x: Tensor, direction: Tensor, target: int, s
 
 # --- confined DeepFool (Fig. 5) -----------------------------------------------------------------------
 
+def deepfool_norms(model: nn.Module, x: Tensor, *, basis: Tensor | None = None, candidates: int = 10,
+                   overshoot: float = 0.02, max_iter: int = 50,
+                   batch_size: int = 256) -> tuple[float | None, float | None]:
+    """DeepFool of ``x`` away from ``model``'s own predictions, unclipped, confined to span(``basis``) if given:
+    (mean ‖r‖₂ over the images it fooled, the fraction it fooled); None where there is nothing to average."""
+    norms, ok = [], []
+    for lo in range(0, len(x), batch_size):
+        xb = x[lo:lo + batch_size]
+        res = deepfool(model, xb, logits_of(model, xb).argmax(1), candidates=candidates, overshoot=overshoot,
+                       max_iter=max_iter, basis=basis, clip=False)
+        norms.append(res.r_l2)
+        ok.append(res.converged)
+    if not ok:
+        return None, None
+    nrm, conv = torch.cat(norms).double(), torch.cat(ok)
+    return (float(nrm[conv].mean()) if conv.any() else None), float(conv.double().mean())
+
+
 def confined_norms(model: nn.Module, x: Tensor, basis: Tensor, ranks: Sequence[int], *, candidates: int = 10,
                    overshoot: float = 0.02, max_iter: int = 50,
-                   batch_size: int = 256) -> tuple[list[float | None], list[float]]:
+                   batch_size: int = 256) -> tuple[list[float | None], list[float | None]]:
     """DeepFool confined to span(Q_r) (gradients projected before each linearized step; unclipped) on ``x``
     against its own predictions, for every r in ``ranks``: (mean ‖r‖₂ over the converged images, converged
     fraction). r = 0 gives (None, 0)."""
@@ -527,17 +546,11 @@ def confined_norms(model: nn.Module, x: Tensor, basis: Tensor, ranks: Sequence[i
             means.append(None)
             rates.append(0.0)
             continue
-        q = basis[:, :r].to(x.device, x.dtype).contiguous()
-        norms, ok = [], []
-        for lo in range(0, len(x), batch_size):
-            xb = x[lo:lo + batch_size]
-            res = deepfool(model, xb, logits_of(model, xb).argmax(1), candidates=candidates, overshoot=overshoot,
-                           max_iter=max_iter, basis=q, clip=False)
-            norms.append(res.r_l2)
-            ok.append(res.converged)
-        nrm, conv = torch.cat(norms).double(), torch.cat(ok)
-        means.append(float(nrm[conv].mean()) if conv.any() else None)
-        rates.append(float(conv.double().mean()))
+        mean, rate = deepfool_norms(model, x, basis=basis[:, :r].to(x.device, x.dtype).contiguous(),
+                                    candidates=candidates, overshoot=overshoot, max_iter=max_iter,
+                                    batch_size=batch_size)
+        means.append(mean)
+        rates.append(rate)
     return means, rates
 
 
@@ -598,16 +611,8 @@ def direct_attack_rows(model: nn.Module, x: Tensor, deltas: Tensor, sizes: Seque
         basis = downsampled_basis(deltas, int(size))
         row: dict = {"size": int(size), "basis_rank": int(basis.shape[1])}
         for name, b in (("deepfool", None), ("confined", basis)):
-            norms, ok = [], []
-            for lo in range(0, len(x), batch_size):
-                xb = x[lo:lo + batch_size]
-                res = deepfool(net, xb, logits_of(net, xb).argmax(1), candidates=candidates, overshoot=overshoot,
-                               max_iter=max_iter, basis=b, clip=False)
-                norms.append(res.r_l2)
-                ok.append(res.converged)
-            nrm, conv = torch.cat(norms).double(), torch.cat(ok)
-            row[f"{name}_mean_r_l2"] = float(nrm[conv].mean()) if conv.any() else None
-            row[f"{name}_success"] = float(conv.double().mean()) if len(conv) else None
+            row[f"{name}_mean_r_l2"], row[f"{name}_success"] = deepfool_norms(
+                net, x, basis=b, candidates=candidates, overshoot=overshoot, max_iter=max_iter, batch_size=batch_size)
         rows.append(row)
     return rows
 
@@ -808,7 +813,8 @@ def analyze(inp: Inputs, st: Settings, *, log: Callable[[str], None] = lambda m:
         "clean_accuracy": clean,
         "mean_image_l2": float(inp.mean.double().norm()),
         "hessian": {"estimator": SKETCH_ESTIMATOR.format(k=st.probes) if sketch else HESSIAN_ESTIMATOR,
-                    "fd_scale": st.fd_scale, "probes": 2 * st.probes if sketch else p, "rank": st.probes if sketch else p,
+                    "fd_scale": st.fd_scale, "probes": 2 * st.probes if sketch else p,
+                    "rank": st.probes if sketch else p,
                     "points_requested": st.per_class, "precision": "float32 gradients, float64 sums and eigh",
                     "per_class": {classes[c]: {"points": curv.points[c], "mean_r_l2": curv.mean_r_l2[c],
                                                "top": curv.eigenvalues[c][:3].tolist(),
@@ -906,5 +912,6 @@ def plot_tables(m: dict, eigenvalues: Tensor | None = None) -> dict[str, tuple[l
         for attack, label in (("deepfool", "DeepFool through the resampling"),
                               ("confined", "DeepFool confined to the down-sampled SVD basis")):
             t["directions_direct"].append({"series": label, "attack": attack, "size": row["size"],
-                                           "mean_r_l2": row[f"{attack}_mean_r_l2"], "success": row[f"{attack}_success"]})
+                                           "mean_r_l2": row[f"{attack}_mean_r_l2"],
+                                           "success": row[f"{attack}_success"]})
     return {k: (PLOT_COLUMNS[k], rows) for k, rows in t.items()}

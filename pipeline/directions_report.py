@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from advgen.directions import CURVATURE_FAMILIES, SVD_FAMILIES
 from advgen.report import _plt, _save, fmt, rel, table
 
-FAMILIES = {"pos": "S_pos", "neg": "S_neg", "negpos": "S_neg∪pos", "flat": "S_flat"}
-SVD = {"hi": "S_hi", "lo": "S_lo"}
 COLORS = {"pos": "tab:red", "neg": "tab:blue", "negpos": "tab:purple", "flat": "tab:gray",
           "hi": "tab:green", "lo": "tab:orange"}
 
@@ -50,13 +49,13 @@ def figure_accuracy(m: dict, families: dict[str, str], path: Path, title: str, x
 
 def figure_fractions(m: dict, path: Path, title: str) -> Path:
     """Mean ‖Q_dᵀδ‖/‖δ‖ vs d per subspace family, one line per stored variant and for saliency maps."""
-    fams = {**FAMILIES, **SVD}
+    fams = {**CURVATURE_FAMILIES, **SVD_FAMILIES}
     fig, axes = _plt().subplots(2, 3, figsize=(12, 6.4), squeeze=False)
     for ax, (fam, label) in zip(axes.flat, fams.items()):
         for name, e in sorted(m["fractions"].items(), key=lambda kv: (kv[0] == "saliency", kv[0])):
             ax.plot(e[fam]["d"], _nums(e[fam]["fraction"]), marker="o", ms=2.5, label=name,
                     ls="--" if name == "saliency" else "-", color="black" if name == "saliency" else None)
-        _dim_axis(ax, "d per class" if fam in FAMILIES else "d (directions in all)")
+        _dim_axis(ax, "d per class" if fam in CURVATURE_FAMILIES else "d (directions in all)")
         ax.set_ylim(0, 1.02)
         ax.set_title(label, fontsize=9)
     axes[0, 0].set_ylabel("fraction of ‖δ‖₂")
@@ -153,7 +152,7 @@ def figure_spectra(m: dict, values: np.ndarray, path: Path, title: str) -> Path:
 def figure_confined(m: dict, path: Path, title: str) -> Path:
     """Fig. 5: mean ‖r‖₂ of DeepFool confined to S_hi / S_lo (blue, log scale) and mean ‖Q_dᵀ(i − ī)‖₂ (red)."""
     fig, axes = _plt().subplots(1, 2, figsize=(10, 3.6), squeeze=False)
-    for ax, (fam, label) in zip(axes[0], SVD.items()):
+    for ax, (fam, label) in zip(axes[0], SVD_FAMILIES.items()):
         c = m["confined"][fam]
         ax.plot(c["d"], _nums(c["mean_r_l2"]), color="tab:blue", marker="o", ms=3, label="confined DeepFool ‖r‖₂")
         ax.set_yscale("log")
@@ -193,7 +192,7 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
     if found:
         md += ["#### What it shows, beside the paper's findings", "", *found, ""]
 
-    fig = figure_accuracy(m, FAMILIES, figs / f"{stem}-accuracy.png",
+    fig = figure_accuracy(m, CURVATURE_FAMILIES, figs / f"{stem}-accuracy.png",
                           f"{m['victim']['arch']}: accuracy on images projected onto curvature subspaces",
                           "d (directions per class)")
     md += ["#### Accuracy vs curvature subspace (Fig. 3, top)", "",
@@ -232,7 +231,7 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
                              f"{m['victim']['arch']}: target class {cname} ({e['points']} boundary points)")
         md += [f"![profiles of {cname}]({rel(fig, out)})", ""]
 
-    fig = figure_accuracy(m, SVD, figs / f"{stem}-svd-accuracy.png",
+    fig = figure_accuracy(m, SVD_FAMILIES, figs / f"{stem}-svd-accuracy.png",
                           f"{m['victim']['arch']}: accuracy on images projected onto DeepFool SVD subspaces",
                           "d (directions in all)")
     md += ["#### Gradient directions (Fig. 4)", "",
@@ -331,7 +330,8 @@ def findings(m: dict) -> list[str]:
             + (f"; saliency maps: {_pct(sal)}" if sal is not None else "") + "."
             + (" As in the paper." if got is not None and got > 2 * random else " Weaker than the paper's finding."))
     conf = m["confined"]
-    both = [k for k, d in enumerate(conf["hi"]["d"]) if d < p and conf["hi"]["mean_r_l2"][k] and conf["lo"]["mean_r_l2"][k]]
+    both = [k for k, d in enumerate(conf["hi"]["d"])
+            if d < p and conf["hi"]["mean_r_l2"][k] and conf["lo"]["mean_r_l2"][k]]
     if both:
         k = both[0]
         hi, lo = conf["hi"]["mean_r_l2"][k], conf["lo"]["mean_r_l2"][k]

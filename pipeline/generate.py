@@ -108,7 +108,7 @@ class AttackParams:
 
 # The methods whose stored copies finish on the uint8 lattice (rounding-aware mode): a minimal
 # perturbation or an iterative optimum is exactly what rounding to 8 bits can undo.
-ROUNDING_AWARE_KINDS = ("minimal", "iterative", "targeted_iterative", "random_start")
+ROUNDING_AWARE_KINDS = attacks.ROUNDING_AWARE_KINDS
 
 
 def plan(methods: list[str], eps: list[float]) -> list[Variant]:
@@ -309,16 +309,10 @@ def attack_batch(model: nn.Module, b: Batch, variants: list[Variant], params: At
         x_adv = x_adv.detach()
         x_store = None
         budget = params.lattice_steps_for(v.method) if m.kind in ROUNDING_AWARE_KINDS else 0
-        if budget and m.kind == "minimal":
-            x_store, taken = attacks.deepfool_on_lattice(model, b.x, b.label, x_adv, candidates=params.candidates,
-                                                         overshoot=params.overshoot, max_steps=budget)
-            extra = {**(extra or {}), "lattice_steps": taken}
-        elif budget:
-            targeted = m.kind == "targeted_iterative"
-            x_store, taken = attacks.finish_on_lattice(
-                model, b.x, x_adv, extra["target"] if targeted else b.label, b.y, eps=v.eps, norm=m.norm,
-                sign=-1 if (targeted or m.direction == "cooperative") else 1, direction=m.direction,
-                max_steps=budget, step_size=size)
+        if budget:
+            x_store, taken = attacks.finish_stored(
+                v.method, model, b.x, x_adv, extra["target"] if m.kind == "targeted_iterative" else b.label, b.y,
+                eps=v.eps, step_size=size, max_steps=budget, candidates=params.candidates, overshoot=params.overshoot)
             extra = {**(extra or {}), "lattice_steps": taken}
         out[v] = _finish(model, b, x_adv, v, audit, extra, keep_float, x_store=x_store,
                          norm=params.norm_of(v.method))

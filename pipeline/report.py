@@ -440,21 +440,12 @@ def paper_value(cell: dict, results: dict) -> float | None:
     """
     metric, ds, victim = cell["metric"], cell["dataset"], cell.get("victim")
     scale = 100.0 if cell.get("unit", "percent") == "percent" else 1.0
-    split = cell.get("split", "test")
-
-    def variant(ev: dict) -> dict | None:
-        for r in ev["variants"].values():
-            if r["method"] == cell.get("method") and (cell.get("eps") is None or r["eps"] is not None
-                                                       and abs(r["eps"] - cell["eps"]) < 1e-9):
-                return r["splits"].get(split)
-        return None
-
     value: float | None = None
     if metric in ("clean_accuracy", "clean_error") and (ds, victim) in results.get("train", {}):
         acc = results["train"][(ds, victim)]["test_accuracy"]
         value = acc if metric == "clean_accuracy" else 1 - acc
     elif metric in EVALUATE_METRICS and (ds, victim) in results.get("evaluate", {}):
-        s = variant(results["evaluate"][(ds, victim)])
+        s = evaluated_split(cell, results)
         if s is None:
             return None
         if metric == "error":
@@ -485,17 +476,21 @@ def paper_value(cell: dict, results: dict) -> float | None:
     return None if value is None else value * scale
 
 
+def evaluated_split(cell: dict, results: dict) -> dict | None:
+    """The evaluate results of the variant a paper cell names (its method and ε, on its victim and split)."""
+    ev = results.get("evaluate", {}).get((cell["dataset"], cell.get("victim")))
+    for r in (ev or {}).get("variants", {}).values():
+        if r["method"] == cell.get("method") and (cell.get("eps") is None or r["eps"] is not None
+                                                   and abs(r["eps"] - cell["eps"]) < 1e-9):
+            return r["splits"].get(cell.get("split", "test"))
+    return None
+
+
 def bucket_count(cell: dict, results: dict) -> int | None:
     """How many images the confidence bucket of a ``bucket`` cell held in advgen's run (None if no such result):
     a bucket of a few images gives rates that mean little, and the comparison says so."""
-    if not cell.get("bucket") or (cell["dataset"], cell.get("victim")) not in results.get("evaluate", {}):
-        return None
-    for r in results["evaluate"][(cell["dataset"], cell.get("victim"))]["variants"].values():
-        if r["method"] == cell.get("method") and (cell.get("eps") is None or r["eps"] is not None
-                                                   and abs(r["eps"] - cell["eps"]) < 1e-9):
-            b = ((r["splits"].get(cell.get("split", "test")) or {}).get("buckets") or {}).get(cell["bucket"]) or {}
-            return b.get("count")
-    return None
+    s = evaluated_split(cell, results) if cell.get("bucket") else None
+    return None if s is None else ((s.get("buckets") or {}).get(cell["bucket"]) or {}).get("count")
 
 
 def substituted(cell: dict, substitutes: list[dict]) -> tuple[dict, list[str]]:

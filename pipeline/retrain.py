@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from advgen import attacks
 from advgen.errors import BadParameter, unknown
-from advgen.generate import ROUNDING_AWARE_KINDS
 from advgen.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, predict, train_victim
 from advgen.victims import Victim
 
@@ -110,28 +109,23 @@ def stored_copy(name: str, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor
     """What a stored copy of ``attacks.run(name, ...)``'s float result ``x_adv`` holds, as uint8 (N, C, H, W).
 
     Rounding-aware (the default, as in ``advgen generate``): minimal and iterative methods whose float result
-    reached the goal but whose rounded one does not are finished on the uint8 lattice
-    (``attacks.deepfool_on_lattice`` with ``max_iter`` steps, ``attacks.finish_on_lattice`` with ``steps``);
-    every other image, and every image of the other methods, is ``attacks.to_uint8(x_adv)``: nearest, inside
-    the ε-ball.
+    reached the goal but whose rounded one does not are finished on the uint8 lattice (``attacks.finish_stored``,
+    at most ``max_iter`` steps for DeepFool, ``steps`` for iterative methods); every other image, and every
+    image of the other methods, is ``attacks.to_uint8(x_adv)``: nearest, inside the ε-ball.
     """
     method = attacks.get_method(name)
-    if not rounding_aware or method.kind not in ROUNDING_AWARE_KINDS:
+    if not rounding_aware or method.kind not in attacks.ROUNDING_AWARE_KINDS:
         return attacks.to_uint8(x_adv, x, eps=eps, norm=method.norm)
     with torch.no_grad():
         logits = model(x)
     label = logits.argmax(1) if label_source == "predicted" else y
-    if method.kind == "minimal":
-        done, _ = attacks.deepfool_on_lattice(model, x, label, x_adv, candidates=candidates,
-                                              overshoot=overshoot, max_steps=max_iter)
-    else:
-        assert eps is not None
-        targeted = method.kind == "targeted_iterative"
-        done, _ = attacks.finish_on_lattice(
-            model, x, x_adv, attacks.least_likely(logits, target) if targeted else label, y,  # type: ignore[arg-type]
-            eps=eps, norm=method.norm, sign=-1 if (targeted or method.direction == "cooperative") else 1,
-            direction=method.direction, max_steps=steps,
-            step_size=step_size if step_size is not None else attacks.default_step_size(eps, steps))
+    if method.kind == "targeted_iterative":
+        label = attacks.least_likely(logits, target)  # type: ignore[arg-type]
+    if step_size is None:  # as attacks.run defaults it (DeepFool takes none)
+        step_size = attacks.default_step_size(eps, steps) if eps is not None else 0.0
+    done, _ = attacks.finish_stored(name, model, x, x_adv, label, y, eps=eps, step_size=step_size,
+                                    max_steps=max_iter if method.kind == "minimal" else steps,
+                                    candidates=candidates, overshoot=overshoot)
     return attacks.to_uint8(done, x, eps=eps, norm=method.norm)
 
 

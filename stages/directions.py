@@ -6,9 +6,9 @@ perturbations give the gradient basis and the resampling table), runs ``advgen.d
 * ``--metrics``: one JSON with every result (layout: ``advgen.directions.analyze`` plus the run's provenance);
 * ``--plots``: ``directions_*.csv`` tables for the ``series`` template (a ``series`` column, x and y columns);
 * ``--bases``: a folder, replaced whole, of float32 ``.npy`` arrays (``mean_image``, ``curvature_eigenvalues``
-  (C, P), ``curvature_directions`` (C, P, 5: per class the two most positively and negatively curved and the flattest direction), ``svd_basis`` (P, P,
-  columns high to low), ``svd_values``, ``family_{pos,neg,negpos,flat}`` (P, ≤P) orthonormal prefixes) and a
-  ``_stats.json`` listing them with their sha256.
+  (C, P), ``curvature_directions`` (C, P, 5: per class the two most positively and negatively curved and the
+  flattest direction), ``svd_basis`` (P, P, columns high to low), ``svd_values``, ``family_{pos,neg,negpos,flat}``
+  (P, ≤P) orthonormal prefixes) and a ``_stats.json`` listing them with their sha256.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def directions(
                                         "attacks on the resampled networks."),
     resample_size: list[int] = typer.Option([24, 20, 16, 12], help="Bicubic resampling sizes (pixels, repeatable); "
                                             "the full size is always added."),
-    scale: list[float] = typer.Option([1, 2, 3, 4, 5, 10], help="Factors f on the DeepFool perturbations (repeatable)."),
+    scale: list[float] = typer.Option([1, 2, 3, 4, 5, 10],
+                                      help="Factors f on the DeepFool perturbations (repeatable)."),
     candidates: int = typer.Option(10, help="DeepFool: classes considered (top-k)."),
     overshoot: float = typer.Option(0.02, help="DeepFool overshoot (confined and direct attacks)."),
     max_iter: int = typer.Option(50, help="DeepFool iteration limit."),
@@ -118,7 +119,8 @@ def directions(
     """Curvature and gradient directions, accuracy vs subspace, where adversaries live, class-score profiles,
     confined DeepFool and resampling (Jetley et al., 2018)."""
     started = time.perf_counter()
-    _check(dict(locals()), at_least={"curvature_images": 1, "hessian_probes": 0, "dims": 0, "svd_dims": 0, "train_images": 1,
+    _check(dict(locals()), at_least={"curvature_images": 1, "hessian_probes": 0, "dims": 0, "svd_dims": 0,
+                                     "train_images": 1,
                                      "test_images": 1, "svd_images": 1, "profile_classes": 0, "profile_images": 1,
                                      "s_steps": 2, "confined_images": 1, "resample_size": 1, "candidates": 2,
                                      "max_iter": 1, "batch_size": 1},
@@ -195,7 +197,8 @@ def directions(
              (fooled[table_split][0][ti] - x[table_split][ti]).to(dev))
 
     settings = D.Settings(
-        per_class=curvature_images, fd_scale=fd_scale, probes=hessian_probes, dims=tuple(dims), svd_dims=tuple(svd_dims),
+        per_class=curvature_images, fd_scale=fd_scale, probes=hessian_probes, dims=tuple(dims),
+        svd_dims=tuple(svd_dims),
         profile_classes=profile_classes, profile_images=profile_images,
         s_values=tuple(float(v) for v in np.linspace(-s_max, s_max, s_steps)), confined_images=confined_images,
         resample_sizes=tuple(resample_size), factors=tuple(scale), candidates=candidates, overshoot=overshoot,
@@ -245,6 +248,7 @@ def directions(
     }
     write_json(metrics, out)
     acc = result.metrics["accuracy"]
-    print(f"{model.meta.arch} on {clean_stats['dataset']}: clean test accuracy {result.metrics['clean_accuracy']['test']:.4f}; "
+    print(f"{model.meta.arch} on {clean_stats['dataset']}: "
+          f"clean test accuracy {result.metrics['clean_accuracy']['test']:.4f}; "
           f"S_pos d={acc['pos']['d'][1]} per class → {acc['pos']['test'][1]:.4f}, "
           f"S_flat → {acc['flat']['test'][1]:.4f}; {time.perf_counter() - started:.0f}s")
