@@ -10,9 +10,28 @@ One line attacks any ``nn.Module`` that maps images in [0, 1] to logits::
     x_adv = advgen.attack("pgd", model.eval(), x, y, eps=8 / 255)
 """
 
-from advgen.attacks import METHODS
-from advgen.attacks import run as attack
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from advgen.versions import __version__
-from advgen.victims import load
+
+if TYPE_CHECKING:
+    from advgen.attacks import METHODS
+    from advgen.attacks import run as attack
+    from advgen.victims import load
 
 __all__ = ["METHODS", "__version__", "attack", "load"]
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use, so the `advgen` script starts without torch when a warm server runs the command.
+    if name in ("METHODS", "attack"):
+        from advgen import attacks
+
+        return attacks.METHODS if name == "METHODS" else attacks.run
+    if name == "load":
+        from advgen.victims import load
+
+        return load
+    raise AttributeError(f"module 'advgen' has no attribute {name!r}")

@@ -218,13 +218,39 @@ def mean_hessian(model: nn.Module, points: Tensor, target: int | Tensor, source:
     return (total + total.T) / 2
 
 
-def sketched_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int,
-                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
+@dataclass
+class Sketch:
+    """A sketched spectrum (see ``sketch_eigh``): ``values`` (P,) float64 descending; the eigenvector of any rank
+    on demand (``columns``), so a caller keeping a few of P columns never builds the P x P matrix."""
+
+    values: Tensor
+    ritz: Tensor  # (P, k) the Ritz vectors, in the order of ``values``' first k (unsorted) entries
+    reflectors: Tensor  # geqrf of ``ritz``: its Householder reflectors and their scales
+    tau: Tensor
+    order: Tensor  # (P,) rank -> index into [ritz | completion]
+
+    def columns(self, ranks: Tensor) -> Tensor:
+        """Eigenvectors of eigenvalue ranks ``ranks`` (n,) as (P, n) float64 columns."""
+        ranks = torch.as_tensor(ranks, dtype=torch.int64).reshape(-1)
+        p, k = self.ritz.shape
+        idx = self.order[ranks]
+        out = self.ritz.new_empty(p, len(idx))
+        ritz = idx < k
+        out[:, ritz] = self.ritz[:, idx[ritz]]
+        rest = (~ritz).nonzero().flatten()
+        if len(rest):  # column j of the complete Q = Q·e_j, applied as k reflectors: O(P·k) per column
+            unit = self.ritz.new_zeros(p, len(rest))
+            unit[idx[rest], torch.arange(len(rest))] = 1.0
+            out[:, rest] = torch.ormqr(self.reflectors, self.tau, unit)
+        return out
+
+
+def sketch_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int, generator: torch.Generator) -> Sketch:
     """Eigenpairs of a symmetric P x P operator seen only through ``hvp`` (P, K) -> (P, K), from 2·``probes``
     products instead of P: Halko, Martinsson & Tropp's randomized range finder (Gaussian probes Ω drawn with
-    ``generator``, Q = orth(HΩ)), then the Rayleigh–Ritz step eigh(Qᵀ H Q). Returns (eigenvalues (P,) float64
-    descending, eigenvectors (P, P) float64 as columns): the ``probes`` Ritz pairs, and an orthonormal completion
-    of span(Q) with eigenvalue 0 — curvature the sketch did not resolve, ranked as flat. Exact when H has rank
+    ``generator``, Q = orth(HΩ)), then the Rayleigh–Ritz step eigh(Qᵀ H Q). The spectrum: the ``probes`` Ritz
+    pairs, and an orthonormal completion of span(Q) (the last P − k columns of a complete QR of the Ritz
+    vectors) with eigenvalue 0 — curvature the sketch did not resolve, ranked as flat. Exact when H has rank
     at most ``probes``.
     """
     omega = torch.randn(p, probes, generator=generator, dtype=torch.float64)
@@ -235,13 +261,17 @@ def sketched_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int,
     b = q.T @ z
     lam, u = torch.linalg.eigh((b + b.T) / 2)
     ritz = q @ u
-    # The completion: the last P − k columns of a complete QR of the Ritz vectors (k Householder reflectors, so
-    # O(P²k) work, not a P x P factorization per class).
-    rest = torch.linalg.qr(ritz, mode="complete")[0][:, probes:]
+    reflectors, tau = torch.geqrf(ritz)
     values = torch.cat([lam, lam.new_zeros(p - probes)])
-    vectors = torch.cat([ritz, rest], dim=1)
     order = values.argsort(descending=True, stable=True)
-    return values[order], vectors[:, order]
+    return Sketch(values[order], ritz, reflectors, tau, order)
+
+
+def sketched_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``sketch_eigh`` with every column: (eigenvalues (P,) float64 descending, eigenvectors (P, P) float64)."""
+    sketch = sketch_eigh(hvp, p, probes, generator)
+    return sketch.values, sketch.columns(torch.arange(p))
 
 
 @dataclass
@@ -302,10 +332,12 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
         pool = (pred != c).nonzero().flatten()
         idx = pool[pick(len(pool), per_class, generator)]
         pts, src, ok, r = boundary_points(model, x[idx], c, max_iter=max_iter, batch_size=batch_size)
+        sketch = None
         if ok.any() and 0 < probes < p:
             bp, bs = pts[ok], src[ok]
-            lam, vec = sketched_eigh(lambda v: mean_hvp(model, bp, c, bs, v, h=h, batch_size=batch_size), p, probes,
-                                     generator)
+            sketch = sketch_eigh(lambda v: mean_hvp(model, bp, c, bs, v, h=h, batch_size=batch_size), p, probes,
+                                 generator)
+            lam, vec = sketch.values, None
         elif ok.any():
             hess = mean_hessian(model, pts[ok], c, src[ok], h=h, batch_size=batch_size).cpu()
             lam, vec = torch.linalg.eigh(hess)
@@ -314,7 +346,9 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
             lam, vec = torch.zeros(p, dtype=torch.float64), None
         cols = torch.arange(p) if size == p else held_ranks(lam, keep, size)  # type: ignore[arg-type]
         values[c], columns[c] = lam, cols
-        if vec is None:
+        if sketch is not None:
+            vectors[c] = sketch.columns(cols).float()
+        elif vec is None:
             vectors[c][cols, torch.arange(size)] = 1.0
         else:
             vectors[c] = vec[:, cols].float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,92 @@ def _plt():
     return plt
 
 
+def _render(fig, path: Path) -> None:
+    """Draw ``fig`` into ``path`` as PNG, atomically (a partial file never sits under the final name)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class FigureJobs:
+    """Figures drawn in forked children, up to ``jobs`` at once, while the report goes on building the next
+    ones: drawing (text layout, rasterizing, PNG encoding) is most of a report's time, and the children draw
+    exactly what the parent would (same figure state, same code), so the bytes do not depend on ``jobs``.
+    ``jobs`` 1, or a system without fork, draws in this process. Use as a context manager (``R.figure_jobs``);
+    leaving it waits for every child and raises ``OSError`` naming the figures that could not be written."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = max(1, jobs) if hasattr(os, "fork") else 1
+        self.running: dict[int, Path] = {}
+        self.failed: list[Path] = []
+
+    def save(self, fig, path: Path) -> None:
+        if self.jobs == 1:
+            _render(fig, path)
+            return
+        while len(self.running) >= self.jobs:
+            self._reap(block=True)
+        pid = os.fork()
+        if pid == 0:  # the child: draw, then leave without running the parent's exit handlers
+            code = 1
+            try:
+                _render(fig, path)
+                code = 0
+            except BaseException as e:  # noqa: BLE001 - reported by the parent, by path
+                print(f"advgen report: {path}: {e}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        self.running[pid] = path
+
+    def _reap(self, *, block: bool) -> None:
+        while self.running:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            if pid == 0:
+                return
+            path = self.running.pop(pid, None)
+            if path is not None and os.waitstatus_to_exitcode(status) != 0:
+                self.failed.append(path)
+            if block:
+                return
+
+    def wait(self) -> None:
+        while self.running:
+            self._reap(block=True)
+        if self.failed:
+            failed, self.failed = self.failed, []
+            raise OSError(f"{len(failed)} figure(s) could not be written: " + ", ".join(map(str, failed[:5])))
+
+
+_JOBS = FigureJobs(1)
+
+
+class figure_jobs:  # noqa: N801 - used as a context manager, like a function
+    """``with figure_jobs(n): ...`` draws the figures made inside in up to ``n`` forked children."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = FigureJobs(jobs)
+
+    def __enter__(self) -> FigureJobs:
+        global _JOBS
+        self.previous, _JOBS = _JOBS, self.jobs
+        return self.jobs
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        global _JOBS
+        _JOBS = self.previous
+        try:
+            self.jobs.wait()
+        except OSError:
+            if kind is None:  # an error inside the block is the one to report
+                raise
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _JOBS.save(fig, path)
     _plt().close(fig)
     return path
 

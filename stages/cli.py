@@ -14,6 +14,7 @@ from advgen.stages import (  # noqa: F401 - importing registers the commands
     publish,
     report,
     retrain,
+    serve,
     train,
     transfer,
     verify,

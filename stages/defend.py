@@ -9,7 +9,7 @@ import typer
 
 from advgen.attacks import check_params, uses_eps
 from advgen.clean import load_clean_split, open_clean
-from advgen.defend import Setting, adaptive_attack, scaled_perturbations, sweep
+from advgen.defend import Memo, Setting, adaptive_attack, scaled_perturbations, sweep
 from advgen.errors import BadParameter
 from advgen.evaluate import open_variant
 from advgen.shards import read_split, write_csv, write_json
@@ -72,12 +72,14 @@ def defend(
         data[name] = (x, y)
         names.append(name)
     log(f"defend: {len(models)} model(s) x {len(settings)} setting(s) x {len(data)} data set(s) on {dev}")
-    rows = sweep(models, settings, data, device=dev)
+    memo = Memo(dev)  # clean and ×1 predictions are shared by the three questions
+    rows = sweep(models, settings, data, device=dev, memo=memo)
     log("defend: adaptive attack on defense + victim")
     rows += adaptive_attack(models, [s for s in settings if not (s.defense == "gaussian" and s.value == 0)], xt, yt,
-                            method=adaptive_method, eps=eps_or_none, steps=steps, device=dev, seed=seed)
+                            method=adaptive_method, eps=eps_or_none, steps=steps, device=dev, seed=seed, memo=memo)
     log(f"defend: stored perturbations of {names[0]} scaled by {', '.join(f'{f:g}' for f in scale)}")
-    rows += scaled_perturbations(models, settings, xt, data[names[0]][0], yt, name=names[0], factors=scale, device=dev)
+    rows += scaled_perturbations(models, settings, xt, data[names[0]][0], yt, name=names[0], factors=scale, device=dev,
+                                 memo=memo)
 
     for r in rows:
         r["series"] = f"{r['model']}: {r['data']}"

@@ -496,3 +496,31 @@ def test_findings_quote_the_numbers_and_judge_them_against_the_paper():
     m["accuracy"]["negpos"]["test"] = [0.25, 0.3, 0.4, 0.8]
     first = findings(m)[0]
     assert "Below 90% of the clean accuracy" in first and "As in the paper" not in first
+
+
+def test_figures_drawn_in_forked_children_are_the_bytes_drawn_here(done, tmp_path):
+    from advgen.report import figure_jobs
+
+    m = json.loads((done / "directions.json").read_text())
+    here = section(m, figs=tmp_path / "one" / "figures", out=tmp_path / "one", title="Directions: mlp")
+    with figure_jobs(3) as jobs:
+        forked = section(m, figs=tmp_path / "three" / "figures", out=tmp_path / "three", title="Directions: mlp")
+        assert jobs.jobs == 3
+    assert here == forked
+    a = {p.name: p.read_bytes() for p in (tmp_path / "one" / "figures").iterdir()}
+    b = {p.name: p.read_bytes() for p in (tmp_path / "three" / "figures").iterdir()}
+    assert len(a) == 6 + len(m["profiles"]) and a == b  # no temporary file left beside them either
+
+
+def test_a_figure_a_child_cannot_write_is_an_error_naming_it(done, tmp_path):
+    from advgen.report import figure_jobs
+
+    m = json.loads((done / "directions.json").read_text())
+    section(m, figs=tmp_path / "first" / "figures", out=tmp_path / "first", title="Directions: mlp")
+    names = sorted(p.name for p in (tmp_path / "first" / "figures").iterdir())
+    figs = tmp_path / "second" / "figures"
+    (figs / names[0] / "in-the-way").mkdir(parents=True)  # a folder where a figure goes: nobody can replace it
+    with pytest.raises(OSError, match=rf"1 figure\(s\) could not be written: .*{re.escape(names[0])}"):
+        with figure_jobs(2):
+            section(m, figs=figs, out=tmp_path / "second", title="Directions: mlp")
+    assert sorted(p.name for p in figs.iterdir() if p.is_file()) == names[1:]  # the others, and no temporaries

@@ -345,6 +345,7 @@ def test_evaluate_with_a_missing_checkpoint(setup, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["report", "--metrics-dir", "m", "--out", "r", "--seed", "-1"], "--seed must lie in [0, 2^63)"),
+    (["report", "--metrics-dir", "m", "--out", "r", "--jobs", "-1"], "--jobs must be >= 0"),
     (["train", "--dataset", "mnist", "--victim", "mlp", "--clean", "c", "--out", "m.pt", "--metrics", "m.json",
       "--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
     (["defend", "--victim-ckpt", "v.pt", "--clean", "c", "--adv", "a", "--metrics", "m.json", "--plots", "p",

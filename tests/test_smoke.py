@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,9 +87,42 @@ def test_smoke_profile_runs_every_stage_of_the_full_study(tmp_path, cli_env):
     # dataset depends on another's) in a copy of this repository of its own, PARALLEL at a time; then their outputs,
     # cache objects and lock entries gathered here, where `dvc repro` must find everything up to date but the
     # report, and run it.
+    # Each stage's `advgen` runs in a child of one warm `advgen serve` (ADVGEN_SERVER): the same code and bytes
+    # as a fresh process (tests/test_warm.py), without ~1.5 s of imports for each of the ~210 stages.
+    sock = Path(tempfile.mkdtemp(prefix="advgen-")) / "s.sock"  # short: Unix socket paths are limited
+    server = subprocess.Popen(["advgen", "serve", "--socket", str(sock)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _smoke_stages(tmp_path, repo, full, {**env, "ADVGEN_SERVER": str(sock)}, server, sock)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+    profile = repo / "smoke"
+    for ds in DATASETS:
+        stats = json.loads((profile / "data" / ds / "clean" / "_stats.json").read_text())
+        assert stats["counts"] == {"train": 8, "test": 8} and stats["source"]["verification"] == "unverified"
+        summary = json.loads((profile / "metrics" / ds / "resnet18" / "summary.json").read_text())
+        assert {"fast/fgsm/eps=0.1", "iterative/pgd/eps=0.1", "minimal/deepfool", "universal/uap/eps=0.1"} <= \
+            set(summary["variants"])
+    report = (profile / "reports" / "README.md").read_text()
+    for title in ("MNIST", "Fashion-MNIST", "CIFAR-10", "CIFAR-100", "SVHN"):
+        assert f"## {title}" in report
+
+
+def _smoke_stages(tmp_path: Path, repo: Path, full: set[str], env: dict, server: subprocess.Popen,
+                  sock: Path) -> None:
+    """Every stage under `dvc repro`: ``check``, then each dataset's stages in a copy of the repository (see the
+    comment in the test), then the merged lock, where only ``report`` is left to run."""
+    deadline = time.monotonic() + 300
+    while not sock.exists():
+        assert server.poll() is None and time.monotonic() < deadline, "advgen serve did not start"
+        time.sleep(0.1)
     ran: list[str] = []
 
     def stages_of(out: str) -> list[str]:
+        assert "no server at" not in out  # every command ran in the warm server
         return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")]
 
     ran += stages_of(_run(["dvc", "repro", "check"], repo / "smoke", env))
@@ -130,13 +164,3 @@ def test_smoke_profile_runs_every_stage_of_the_full_study(tmp_path, cli_env):
     assert ran[0] == "check" and ran[-1] == "report"
     assert "up to date" in _run(["dvc", "status"], repo / "smoke", env)
 
-    profile = repo / "smoke"
-    for ds in DATASETS:
-        stats = json.loads((profile / "data" / ds / "clean" / "_stats.json").read_text())
-        assert stats["counts"] == {"train": 16, "test": 16} and stats["source"]["verification"] == "unverified"
-        summary = json.loads((profile / "metrics" / ds / "resnet18" / "summary.json").read_text())
-        assert {"fast/fgsm/eps=0.1", "iterative/pgd/eps=0.1", "minimal/deepfool", "universal/uap/eps=0.1"} <= \
-            set(summary["variants"])
-    report = (profile / "reports" / "README.md").read_text()
-    for title in ("MNIST", "Fashion-MNIST", "CIFAR-10", "CIFAR-100", "SVHN"):
-        assert f"## {title}" in report
