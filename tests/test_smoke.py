@@ -82,13 +82,13 @@ def test_smoke_profile_runs_every_stage_of_the_full_study(tmp_path, cli_env):
     assert smoke == full and len(full) > 100, sorted(full ^ smoke)
 
     # Every stage under `dvc repro`. DVC re-reads and rewrites dvc.lock around every stage it runs, so one
-    # process over all ~210 stages spends most of its time in YAML (quadratic in the stage count) and holds
+    # process over all 177 stages spends most of its time in YAML (quadratic in the stage count) and holds
     # the repository lock while it does. So: `check` first here; then each dataset's stages (no stage of one
     # dataset depends on another's) in a copy of this repository of its own, PARALLEL at a time; then their outputs,
     # cache objects and lock entries gathered here, where `dvc repro` must find everything up to date but the
     # report, and run it.
     # Each stage's `advgen` runs in a child of one warm `advgen serve` (ADVGEN_SERVER): the same code and bytes
-    # as a fresh process (tests/test_warm.py), without ~1.5 s of imports for each of the ~210 stages.
+    # as a fresh process (tests/test_warm.py), without ~1.5 s of imports for each of the 177 stages.
     sock = Path(tempfile.mkdtemp(prefix="advgen-")) / "s.sock"  # short: Unix socket paths are limited
     server = subprocess.Popen(["advgen", "serve", "--socket", str(sock)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
