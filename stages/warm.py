@@ -11,7 +11,8 @@ exactly as a fresh process would and reports its exit status, which the script e
 What keeps a child's run the same as a fresh process's: the server imports modules only (no model, no
 random draw, no CUDA, no parallel torch work before forking); the child takes the client's working
 directory, environment and arguments, resets torch's thread count from its environment and reseeds torch's
-default generator with its start-up seed. Only the script's user may connect (the socket is 0600 and the
+default generator with its start-up seed (a client with no OMP_NUM_THREADS gets the thread count the server
+started with: start it in the environment its commands run in). Only the script's user may connect (the socket is 0600 and the
 server checks the peer's uid). If the client goes away (Ctrl-C, a killed ``dvc repro``), its child gets
 SIGINT, so atomic writers clean up as they would. No server at PATH: the script says so and runs the
 command itself.
