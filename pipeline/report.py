@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,7 @@ class FigureJobs:
             _render(fig, path)
             return
         while len(self.running) >= self.jobs:
-            self._reap(block=True)
+            self._reap_oldest()
         pid = os.fork()
         if pid == 0:  # the child: draw, then leave without running the parent's exit handlers
             code = 1
@@ -72,20 +74,17 @@ class FigureJobs:
                 os._exit(code)
         self.running[pid] = path
 
-    def _reap(self, *, block: bool) -> None:
-        while self.running:
-            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-            if pid == 0:
-                return
-            path = self.running.pop(pid, None)
-            if path is not None and os.waitstatus_to_exitcode(status) != 0:
-                self.failed.append(path)
-            if block:
-                return
+    def _reap_oldest(self) -> None:
+        """Wait for the oldest running child (by pid: other children of this process are not ours to reap)."""
+        pid = next(iter(self.running))
+        _, status = os.waitpid(pid, 0)
+        path = self.running.pop(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            self.failed.append(path)
 
     def wait(self) -> None:
         while self.running:
-            self._reap(block=True)
+            self._reap_oldest()
         if self.failed:
             failed, self.failed = self.failed, []
             raise OSError(f"{len(failed)} figure(s) could not be written: " + ", ".join(map(str, failed[:5])))
@@ -94,25 +93,21 @@ class FigureJobs:
 _JOBS = FigureJobs(1)
 
 
-class figure_jobs:  # noqa: N801 - used as a context manager, like a function
-    """``with figure_jobs(n): ...`` draws the figures made inside in up to ``n`` forked children."""
-
-    def __init__(self, jobs: int) -> None:
-        self.jobs = FigureJobs(jobs)
-
-    def __enter__(self) -> FigureJobs:
-        global _JOBS
-        self.previous, _JOBS = _JOBS, self.jobs
-        return self.jobs
-
-    def __exit__(self, kind: object, *exc: object) -> None:
-        global _JOBS
-        _JOBS = self.previous
-        try:
-            self.jobs.wait()
-        except OSError:
-            if kind is None:  # an error inside the block is the one to report
-                raise
+@contextmanager
+def figure_jobs(jobs: int) -> Iterator[FigureJobs]:
+    """``with figure_jobs(n): ...`` draws the figures made inside in up to ``n`` forked children; leaving waits
+    for them (an error raised inside the block is the one reported)."""
+    global _JOBS
+    previous, _JOBS = _JOBS, FigureJobs(jobs)
+    try:
+        yield _JOBS
+    except BaseException:
+        with suppress(OSError):
+            _JOBS.wait()
+        raise
+    finally:
+        pending, _JOBS = _JOBS, previous
+    pending.wait()
 
 
 def _save(fig, path: Path) -> Path:
