@@ -267,13 +267,6 @@ def sketch_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int, generator:
     return Sketch(values[order], ritz, reflectors, tau, order)
 
 
-def sketched_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int,
-                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``sketch_eigh`` with every column: (eigenvalues (P,) float64 descending, eigenvectors (P, P) float64)."""
-    sketch = sketch_eigh(hvp, p, probes, generator)
-    return sketch.values, sketch.columns(torch.arange(p))
-
-
 @dataclass
 class Curvature:
     """Per class c: eigenvalues (C, P) float64, descending (the whole spectrum); eigenvectors (C, P, K) float32;
@@ -316,7 +309,7 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
     targeted DeepFool to the c boundary, the mean Hessian of F_c − F_ĉ there (ĉ the clean prediction), eigh.
 
     ``probes`` 0 (or ≥ P): the whole finite-difference Hessian (``mean_hessian``, P products per point).
-    Otherwise ``sketched_eigh`` with that many Gaussian probes (2·probes products per point): the dominant
+    Otherwise ``sketch_eigh`` with that many Gaussian probes (2·probes products per point): the dominant
     curvature directions of both signs, the rest flat. ``keep``: store per class only the eigenvectors of the
     ``keep`` most positive, most negative and flattest eigenvalues (``held_ranks``; None keeps all P: C·P²
     floats, 3.8 GB for CIFAR-100). A class with no converged point gets a zero Hessian (pixel-basis

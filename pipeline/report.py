@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from advgen.evaluate import variant_name
+from advgen.outputs import staging_path
 
 SIGN_METHODS = ("fgsm", "bim", "pgd", "illc_fast", "illc_iter")  # L∞ sign steps
 UNSIGNED_METHODS = ("fgm", "fgm_l2", "pgd_l2")  # raw or L2-normalized gradients
@@ -36,7 +37,7 @@ def _plt():
 
 def _render(fig, path: Path) -> None:
     """Draw ``fig`` into ``path`` as PNG, atomically (a partial file never sits under the final name)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = staging_path(path)  # .NAME.tmp-PID: what clean_stale removes if a child is killed mid-write
     try:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
         os.replace(tmp, path)

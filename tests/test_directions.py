@@ -141,7 +141,7 @@ def test_mean_hvp_along_any_vectors_is_the_hessian_times_them():
     assert torch.allclose(got, a @ v.double(), atol=1e-4)
 
 
-def test_sketched_eigh_recovers_a_low_rank_hessian_exactly_and_calls_the_rest_flat():
+def test_sketch_eigh_recovers_a_low_rank_hessian_exactly_and_calls_the_rest_flat():
     g = torch.Generator().manual_seed(8)
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
     lam = torch.tensor([4.0, 2.5, -1.5, -3.0], dtype=torch.float64)
@@ -152,7 +152,8 @@ def test_sketched_eigh_recovers_a_low_rank_hessian_exactly_and_calls_the_rest_fl
         calls.append(v.shape[1])
         return a @ v
 
-    values, vectors = D.sketched_eigh(hvp, 30, 6, torch.Generator().manual_seed(0))
+    sketch = D.sketch_eigh(hvp, 30, 6, torch.Generator().manual_seed(0))
+    values, vectors = sketch.values, sketch.columns(torch.arange(30))
     assert calls == [6, 6]  # 2·probes products, never P
     assert torch.allclose(vectors.T @ vectors, torch.eye(30, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(values[:2], lam[:2], atol=1e-9) and torch.allclose(values[-2:], lam[2:], atol=1e-9)
