@@ -74,36 +74,41 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256) -
 def orthonormal_prefixes(stack: Tensor, *, tol: float = RANK_TOL, block: int = 64) -> tuple[Tensor, Tensor]:
     """(Q, kept): an orthonormal basis whose first r columns span the first k columns of ``stack`` (P, K).
 
-    Gram–Schmidt in column order (twice, float64; blocks of ``block`` columns go through BLAS at once), so
-    the span of every prefix is kept exactly; a column whose residual is below ``tol`` times its norm adds no
-    dimension and is dropped (QR would put an arbitrary direction there). ``kept`` (sorted) holds the indices
-    of the columns that stayed; ``rank_at(kept, k)`` is the dimension of span(stack[:, :k]). At most P columns.
+    Gram–Schmidt in column order (twice, float64), so the span of every prefix is kept exactly; a column whose
+    residual is below ``tol`` times its norm adds no dimension and is dropped (QR would put an arbitrary
+    direction there). ``kept`` (sorted) holds the indices of the columns that stayed; ``rank_at(kept, k)`` is the
+    dimension of span(stack[:, :k]). At most P columns. Blocks of ``block`` columns are projected off the basis
+    so far at once (BLAS-3); a column already below ``tol`` then is dropped without further work; the others are
+    taken one at a time against the block's own new columns.
     """
     a = stack.double()
     p, k = a.shape
     norms = a.norm(dim=0)
-    q = a.new_zeros(p, 0)
+    basis = a.new_zeros(min(p, k), p)  # row i: the i-th basis vector (rows are contiguous)
+    r = 0
     kept: list[int] = []
     for b0 in range(0, k, block):
-        if q.shape[1] >= p:
+        if r >= p:
             break
         blk = a[:, b0:b0 + block]
         for _ in range(2):
-            blk = blk - q @ (q.T @ blk)
-        new: list[Tensor] = []
-        for i in range(blk.shape[1]):
-            v = blk[:, i]
-            if new:
-                qb = torch.stack(new, dim=1)
+            blk = blk - basis[:r].T @ (basis[:r] @ blk)
+        cols = blk.T.contiguous()
+        alive = (cols.norm(dim=1) > tol * norms[b0:b0 + len(cols)]).tolist()
+        first = r
+        for i, v in enumerate(cols):
+            if not alive[i] or r >= p:
+                continue
+            if r > first:
+                new = basis[first:r]
                 for _ in range(2):
-                    v = v - qb @ (qb.T @ v)
+                    v = v - (new @ v) @ new
             n = v.norm()
-            if n > tol * norms[b0 + i] and q.shape[1] + len(new) < p:
-                new.append(v / n)
+            if n > tol * norms[b0 + i]:
+                basis[r] = v / n
                 kept.append(b0 + i)
-        if new:
-            q = torch.cat([q, torch.stack(new, dim=1)], dim=1)
-    return q, torch.tensor(kept, dtype=torch.int64)
+                r += 1
+    return basis[:r].T.contiguous(), torch.tensor(kept, dtype=torch.int64)
 
 
 def rank_at(kept: Tensor, k: int) -> int:
@@ -218,6 +223,38 @@ def mean_hessian(model: nn.Module, points: Tensor, target: int | Tensor, source:
     return (total + total.T) / 2
 
 
+def grouped_hvp(model: nn.Module, points: Tensor, target: Tensor, source: Tensor, group: Tensor, vectors: Tensor, *,
+                h: float, batch_size: int = 256) -> Tensor:
+    """``mean_hvp`` for G groups at once: group g's mean over its points (``group`` == g) of H_n v for every
+    column v of ``vectors[g]`` (G, P, K), as (G, P, K) float64; H_n is the Hessian of F_target − F_source at
+    point n. The perturbed points of every group share the batches (``batch_size`` inputs each), so many
+    small groups (one class's boundary points each) cost a few large passes instead of many small ones."""
+    n, shape = points.shape[0], points.shape[1:]
+    p = math.prod(shape)
+    dev = points.device
+    flat = points.reshape(n, p)
+    vec = vectors.to(dev, flat.dtype).transpose(1, 2)  # (G, K, P)
+    num, kk = vec.shape[0], vec.shape[1]
+    group, target, source = group.to(dev), target.to(dev), source.to(dev)
+    total = torch.zeros(num, kk, p, dtype=torch.float64, device=dev)
+    point = torch.arange(n, device=dev).repeat_interleave(kk)  # one row per (point, probe)
+    probe = torch.arange(kk, device=dev).repeat(n)
+    step = max(1, batch_size // 2)
+    for a in range(0, len(point), step):
+        i, j = point[a:a + step], probe[a:a + step]
+        d = h * vec[group[i], j]  # (m, P)
+        xb = torch.cat([flat[i] + d, flat[i] - d]).reshape(-1, *shape)
+        xb.requires_grad_(True)
+        out = model(xb)
+        t, s = target[i].repeat(2), source[i].repeat(2)
+        g = out.gather(1, t[:, None]) - out.gather(1, s[:, None])
+        (grad,) = torch.autograd.grad(g.sum(), xb)
+        grad = grad.reshape(2, len(i), p).double()
+        total.index_put_((group[i], j), grad[0] - grad[1], accumulate=True)
+    count = torch.bincount(group, minlength=num).clamp_min(1).to(torch.float64)
+    return (total / (2 * h * count[:, None, None])).transpose(1, 2)
+
+
 @dataclass
 class Sketch:
     """A sketched spectrum (see ``sketch_eigh``): ``values`` (P,) float64 descending; the eigenvector of any rank
@@ -253,11 +290,25 @@ def sketch_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int, generator:
     vectors) with eigenvalue 0 — curvature the sketch did not resolve, ranked as flat. Exact when H has rank
     at most ``probes``.
     """
+    q = range_basis(hvp(sketch_probes(p, probes, generator)).cpu())
+    return rayleigh_ritz(q, hvp(q).cpu())
+
+
+def sketch_probes(p: int, probes: int, generator: torch.Generator) -> Tensor:
+    """The sketch's Gaussian probes Ω (P, probes) float64, unit columns: the finite-difference step is h along
+    each, as along a pixel."""
     omega = torch.randn(p, probes, generator=generator, dtype=torch.float64)
-    omega /= omega.norm(dim=0)  # unit probes: the finite-difference step is h along each, as along a pixel
-    y = hvp(omega).cpu()
-    q, _ = torch.linalg.qr(y)
-    z = hvp(q).cpu()
+    return omega / omega.norm(dim=0)
+
+
+def range_basis(y: Tensor) -> Tensor:
+    """Q = orth(HΩ): the sketch's range basis (P, probes)."""
+    return torch.linalg.qr(y)[0]
+
+
+def rayleigh_ritz(q: Tensor, z: Tensor) -> Sketch:
+    """The ``Sketch`` from the range basis Q (P, k) and Z = HQ: eigh(QᵀZ) (symmetrized), Ritz vectors QU."""
+    p, probes = q.shape
     b = q.T @ z
     lam, u = torch.linalg.eigh((b + b.T) / 2)
     ritz = q @ u
@@ -307,6 +358,7 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
                          batch_size: int = 256, on_class: Callable[[int], None] | None = None) -> Curvature:
     """Alg. 1 for every class c: ``per_class`` images of ``x`` not predicted as c (drawn with ``generator``),
     targeted DeepFool to the c boundary, the mean Hessian of F_c − F_ĉ there (ĉ the clean prediction), eigh.
+    The sketches of all classes share their batches of Hessian-vector products (``grouped_hvp``).
 
     ``probes`` 0 (or ≥ P): the whole finite-difference Hessian (``mean_hessian``, P products per point).
     Otherwise ``sketch_eigh`` with that many Gaussian probes (2·probes products per point): the dominant
@@ -320,19 +372,35 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
     values = torch.zeros(num_classes, p, dtype=torch.float64)
     vectors = torch.zeros(num_classes, p, size, dtype=torch.float32)
     columns = torch.zeros(num_classes, size, dtype=torch.int64)
+    points: list[tuple[Tensor, Tensor]] = []  # per class: its converged boundary points and their classes ĉ
     counts, norms = [], []
     for c in range(num_classes):
         pool = (pred != c).nonzero().flatten()
         idx = pool[pick(len(pool), per_class, generator)]
         pts, src, ok, r = boundary_points(model, x[idx], c, max_iter=max_iter, batch_size=batch_size)
-        sketch = None
-        if ok.any() and 0 < probes < p:
-            bp, bs = pts[ok], src[ok]
-            sketch = sketch_eigh(lambda v: mean_hvp(model, bp, c, bs, v, h=h, batch_size=batch_size), p, probes,
-                                 generator)
+        points.append((pts[ok], src[ok]))
+        counts.append(int(ok.sum()))
+        norms.append(float(r[ok].double().mean()) if ok.any() else None)
+    sketches: dict[int, Sketch] = {}
+    found = [c for c in range(num_classes) if counts[c]]
+    if 0 < probes < p and found:  # every class's sketch in the same batches: two grouped passes
+        pts = torch.cat([points[c][0] for c in found])
+        src = torch.cat([points[c][1] for c in found])
+        group = torch.cat([torch.full((counts[c],), g, dtype=torch.int64) for g, c in enumerate(found)])
+        tgt = torch.tensor(found, dtype=torch.int64)[group]
+
+        def hvp(v: Tensor) -> Tensor:
+            return grouped_hvp(model, pts, tgt, src, group, v, h=h, batch_size=batch_size).cpu()
+
+        omega = torch.stack([sketch_probes(p, probes, generator) for _ in found])
+        q = torch.stack([range_basis(y) for y in hvp(omega)])
+        sketches = {c: rayleigh_ritz(qc, zc) for c, qc, zc in zip(found, q, hvp(q))}
+    for c in range(num_classes):
+        sketch = sketches.get(c)
+        if sketch is not None:
             lam, vec = sketch.values, None
-        elif ok.any():
-            hess = mean_hessian(model, pts[ok], c, src[ok], h=h, batch_size=batch_size).cpu()
+        elif counts[c]:
+            hess = mean_hessian(model, points[c][0], c, points[c][1], h=h, batch_size=batch_size).cpu()
             lam, vec = torch.linalg.eigh(hess)
             lam, vec = lam.flip(0), vec.flip(1)
         else:  # no boundary point: a zero Hessian, whose eigenvectors may as well be the pixel basis
@@ -345,8 +413,6 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
             vectors[c][cols, torch.arange(size)] = 1.0
         else:
             vectors[c] = vec[:, cols].float()
-        counts.append(int(ok.sum()))
-        norms.append(float(r[ok].double().mean()) if ok.any() else None)
         if on_class is not None:
             on_class(c)
     return Curvature(values, vectors, counts, norms, None if size == p else columns)

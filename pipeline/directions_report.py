@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from advgen.directions import CURVATURE_FAMILIES, SVD_FAMILIES
-from advgen.report import _plt, _save, fmt, rel, table
+from advgen.report import _plt, _save, draw, fmt, rel, table
 
 COLORS = {"pos": "tab:red", "neg": "tab:blue", "negpos": "tab:purple", "flat": "tab:gray",
           "hi": "tab:green", "lo": "tab:orange"}
@@ -192,7 +192,7 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
     if found:
         md += ["#### What it shows, beside the paper's findings", "", *found, ""]
 
-    fig = figure_accuracy(m, CURVATURE_FAMILIES, figs / f"{stem}-accuracy.png",
+    fig = draw(figure_accuracy, m, CURVATURE_FAMILIES, figs / f"{stem}-accuracy.png",
                           f"{m['victim']['arch']}: accuracy on images projected onto curvature subspaces",
                           "d (directions per class)")
     md += ["#### Accuracy vs curvature subspace (Fig. 3, top)", "",
@@ -200,7 +200,7 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
            "negatively curved (S_neg), both (S_neg∪pos) or flattest (S_flat) directions of every class "
            "(orthonormalised by QR); the last point spans the whole input space.", "",
            f"![accuracy vs curvature subspace]({rel(fig, out)})", ""]
-    fig = figure_fractions(m, figs / f"{stem}-fractions.png",
+    fig = draw(figure_fractions, m, figs / f"{stem}-fractions.png",
                            f"{m['victim']['arch']}: share of each perturbation's norm inside the subspaces")
     md += ["#### Where adversaries live (Fig. 3, bottom)", "",
            "Mean fraction ‖Q_dᵀδ‖₂/‖δ‖₂ of every stored variant's perturbation and of saliency maps "
@@ -210,9 +210,9 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
     loaded = _bases(m)
     if loaded is not None:
         vec, val = loaded
-        fig = figure_top_directions(m, vec, val, shape, figs / f"{stem}-top-directions.png",
+        fig = draw(figure_top_directions, m, vec, val, shape, figs / f"{stem}-top-directions.png",
                                     f"{m['victim']['arch']}: curvature directions per class (red +, blue −)")
-        spec = figure_spectra(m, val, figs / f"{stem}-spectra.png", f"{m['victim']['arch']}: mean-Hessian spectra")
+        spec = draw(figure_spectra, m, val, figs / f"{stem}-spectra.png", f"{m['victim']['arch']}: mean-Hessian spectra")
         md += ["#### The directions (Alg. 1)", "", f"![top directions per class]({rel(fig, out)})",
                f"![eigenvalue spectra]({rel(spec, out)})", ""]
     else:
@@ -227,11 +227,11 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
            "fraction of target images that stay.", ""]
     for cname, e in m["profiles"].items():
         slug = "".join(ch if ch.isalnum() else "_" for ch in cname)
-        fig = figure_profile(cname, e, figs / f"{stem}-profile-{slug}.png",
+        fig = draw(figure_profile, cname, e, figs / f"{stem}-profile-{slug}.png",
                              f"{m['victim']['arch']}: target class {cname} ({e['points']} boundary points)")
         md += [f"![profiles of {cname}]({rel(fig, out)})", ""]
 
-    fig = figure_accuracy(m, SVD_FAMILIES, figs / f"{stem}-svd-accuracy.png",
+    fig = draw(figure_accuracy, m, SVD_FAMILIES, figs / f"{stem}-svd-accuracy.png",
                           f"{m['victim']['arch']}: accuracy on images projected onto DeepFool SVD subspaces",
                           "d (directions in all)")
     md += ["#### Gradient directions (Fig. 4)", "",
@@ -239,7 +239,7 @@ def section(metrics: dict, *, figs: Path, out: Path, title: str) -> list[str]:
            f", {m['deepfool']['svd_split']} split, {'float' if m['deepfool']['float'] else 'stored uint8'} images), "
            "high to low (S_hi) and low to high (S_lo).", "",
            f"![accuracy vs SVD subspace]({rel(fig, out)})", ""]
-    fig = figure_confined(m, figs / f"{stem}-confined.png",
+    fig = draw(figure_confined, m, figs / f"{stem}-confined.png",
                           f"{m['victim']['arch']}: DeepFool confined to the SVD subspaces")
     md += ["#### Confined DeepFool (Fig. 5)", "",
            f"DeepFool with its gradients projected onto S_hi / S_lo before each linearized step, on "

@@ -8,10 +8,12 @@ study gives unchanged files.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -46,58 +48,69 @@ def _render(fig, path: Path) -> None:
 
 
 class FigureJobs:
-    """Figures drawn in forked children, up to ``jobs`` at once, while the report goes on building the next
-    ones: drawing (text layout, rasterizing, PNG encoding) is most of a report's time, and the children draw
-    exactly what the parent would (same figure state, same code), so the bytes do not depend on ``jobs``.
+    """Figures built and drawn in ``jobs`` worker processes while the report goes on: matplotlib's layout,
+    rasterizing and PNG encoding are most of a report's time. ``draw(fn, ...)`` hands the call of a ``figure_*``
+    function to a worker and returns its ``path`` at once; the workers run the same code on the same arguments,
+    so the bytes do not depend on ``jobs``. The workers are forked once, when the first figure is handed over
+    (not one process per figure: forking a process that holds torch costs tens of milliseconds of page copying).
     ``jobs`` 1, or a system without fork, draws in this process. Use as a context manager (``R.figure_jobs``);
-    leaving it waits for every child and raises ``OSError`` naming the figures that could not be written."""
+    leaving it waits for every figure and raises ``OSError`` naming those that could not be written."""
 
     def __init__(self, jobs: int) -> None:
         self.jobs = max(1, jobs) if hasattr(os, "fork") else 1
-        self.running: dict[int, Path] = {}
-        self.failed: list[Path] = []
+        self.pool = None
+        self.pending: list[tuple[object, Path]] = []
 
-    def save(self, fig, path: Path) -> None:
+    def draw(self, fn: Callable[..., Path], *args, **kwargs) -> Path:
         if self.jobs == 1:
-            _render(fig, path)
-            return
-        while len(self.running) >= self.jobs:
-            self._reap_oldest()
-        pid = os.fork()
-        if pid == 0:  # the child: draw, then leave without running the parent's exit handlers
-            code = 1
-            try:
-                _render(fig, path)
-                code = 0
-            except BaseException as e:  # noqa: BLE001 - reported by the parent, by path
-                print(f"advgen report: {path}: {e}", file=sys.stderr, flush=True)
-            finally:
-                os._exit(code)
-        self.running[pid] = path
+            return fn(*args, **kwargs)
+        path = Path(inspect.signature(fn).bind(*args, **kwargs).arguments["path"])
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-    def _reap_oldest(self) -> None:
-        """Wait for the oldest running child (by pid: other children of this process are not ours to reap)."""
-        pid = next(iter(self.running))
-        _, status = os.waitpid(pid, 0)
-        path = self.running.pop(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
-            self.failed.append(path)
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_worker_init)
+        self.pending.append((self.pool.submit(fn, *args, **kwargs), path))
+        return path
 
     def wait(self) -> None:
-        while self.running:
-            self._reap_oldest()
-        if self.failed:
-            failed, self.failed = self.failed, []
+        failed = []
+        try:
+            for future, path in self.pending:
+                try:
+                    future.result()
+                except Exception as e:  # noqa: BLE001 - reported by path, all together
+                    print(f"advgen report: {path}: {e}", file=sys.stderr, flush=True)
+                    failed.append(path)
+        finally:
+            self.pending = []
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
+        if failed:
             raise OSError(f"{len(failed)} figure(s) could not be written: " + ", ".join(map(str, failed[:5])))
+
+
+def _worker_init() -> None:
+    """A figure worker: draws in this process (never hands figures on) and leaves Ctrl-C to the report."""
+    global _JOBS
+    _JOBS = FigureJobs(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _JOBS = FigureJobs(1)
 
 
+def draw(fn: Callable[..., Path], *args, **kwargs) -> Path:
+    """``fn(*args, **kwargs)`` (a ``figure_*`` function), in a worker inside ``figure_jobs``: its ``path``."""
+    return _JOBS.draw(fn, *args, **kwargs)
+
+
 @contextmanager
 def figure_jobs(jobs: int) -> Iterator[FigureJobs]:
-    """``with figure_jobs(n): ...`` draws the figures made inside in up to ``n`` forked children; leaving waits
-    for them (an error raised inside the block is the one reported)."""
+    """``with figure_jobs(n): ...`` draws the figures handed to ``draw`` inside in up to ``n`` worker
+    processes; leaving waits for them (an error raised inside the block is the one reported)."""
     global _JOBS
     previous, _JOBS = _JOBS, FigureJobs(jobs)
     try:
@@ -113,8 +126,10 @@ def figure_jobs(jobs: int) -> Iterator[FigureJobs]:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _JOBS.save(fig, path)
-    _plt().close(fig)
+    try:
+        _render(fig, path)
+    finally:
+        _plt().close(fig)
     return path
 
 

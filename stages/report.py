@@ -61,9 +61,9 @@ def _grids(ev: dict, spec, out: Path, figs: Path, *, samples: int, seed: int) ->
             name = method if eps is None else f"ε={eps:g}"
             cols.append((name, xa[pick].permute(0, 2, 3, 1).numpy(), man["adv_pred"].to_numpy()[pick]))
         path = figs / f"{spec.name}-{ev['victim']['arch']}-samples-{method}.png"
-        R.figure_sample_grid(clean_img, y.numpy()[pick], clean_pred, cols, list(spec.classes), path,
-                             f"{spec.title}, {ev['victim']['arch']}: {method} (test images drawn with seed {seed})",
-                             amplify=(cols[-1][0], cols[-1][1]))
+        R.draw(R.figure_sample_grid, clean_img, y.numpy()[pick], clean_pred, cols, list(spec.classes), path,
+               f"{spec.title}, {ev['victim']['arch']}: {method} (test images drawn with seed {seed})",
+               amplify=(cols[-1][0], cols[-1][1]))
         lines.append(f"![{method} samples]({R.rel(path, out)})\n")
     return lines
 
@@ -205,7 +205,7 @@ def report(
                 ev = _load(path)
                 timing.append([ds, f"evaluate {v}", "cpu", ev.get("seconds"), None])
                 md += [f"### White-box: {v}", ""]
-                fig = R.figure_curves(ev, figs / f"{ds}-{v}-curves.png", f"{spec.title}, {v} (test split)")
+                fig = R.draw(R.figure_curves, ev, figs / f"{ds}-{v}-curves.png", f"{spec.title}, {v} (test split)")
                 md += [f"![accuracy and error vs ε]({R.rel(fig, out)})", ""]
                 results["evaluate"][(ds, v)] = ev
                 for r in ev["variants"].values():
@@ -229,7 +229,7 @@ def report(
                 tr = _load(found["transfer"])
                 results["transfer"][ds] = tr
                 timing.append([ds, "transfer", "cpu", tr.get("seconds"), None])
-                fig = R.figure_transfer(tr, whitebox, figs / f"{ds}-transfer.png",
+                fig = R.draw(R.figure_transfer, tr, whitebox, figs / f"{ds}-transfer.png",
                                         f"{spec.title}: accuracy of target on source's images (diagonal: white-box)")
                 md += ["### Transfer", "", f"![transfer heatmaps]({R.rel(fig, out)})", "",
                        R.table(["method", "ε", "source", "target", "acc.", "drop", "loss (clean)", "fooling rate",
@@ -247,7 +247,7 @@ def report(
                 rt = _load(rpath)
                 results["retrain"][(ds, v)] = rt
                 a = rt["adversarial"]
-                fig = R.figure_retrain(rt, figs / f"{ds}-{v}-retrain.png",
+                fig = R.draw(R.figure_retrain, rt, figs / f"{ds}-{v}-retrain.png",
                                        f"{v} retrained on {a['method']} ε={a['eps']} from {a['source']}")
                 md += [f"### Adversarial retraining: {v}", "",
                        f"Training data: `{a['folder']}` ({a['method']}, ε = {a['eps']}, made on {a['source']}), "
@@ -268,11 +268,11 @@ def report(
                 df = _load(dpath)
                 results["defend"][(ds, v)] = df
                 timing.append([ds, f"defend {v}", df["device"], df.get("seconds"), None])
-                g = R.figure_defense(df, "gaussian", figs / f"{ds}-{v}-gaussian.png",
+                g = R.draw(R.figure_defense, df, "gaussian", figs / f"{ds}-{v}-gaussian.png",
                                      f"{v}: Gaussian filter before the victim")
-                s = R.figure_defense(df, "resample", figs / f"{ds}-{v}-resample.png",
+                s = R.draw(R.figure_defense, df, "resample", figs / f"{ds}-{v}-resample.png",
                                      f"{v}: bicubic down- and up-sampling before the victim")
-                f = R.figure_scaled(df, figs / f"{ds}-{v}-scaled.png",
+                f = R.draw(R.figure_scaled, df, figs / f"{ds}-{v}-scaled.png",
                                     f"{v}: stored δ of {df['scaled']} scaled by f, then the defense")
                 md += [f"### Input defenses: {v}", "",
                        "Solid comparisons: clean vs stored adversarial test images, for the original and retrained "

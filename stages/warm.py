@@ -30,6 +30,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from pathlib import Path
 
 SERVER_ENV = "ADVGEN_SERVER"
@@ -141,8 +142,10 @@ def _run_child(fds: list[int], request: dict, threads: int, inherited: list) -> 
         os._exit(code)
 
 
-def serve(path: Path, *, log=print) -> None:
-    """Listen on ``path`` until SIGTERM or SIGINT; one forked child per request."""
+def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
+    """Listen on ``path`` until SIGTERM or SIGINT; one forked child per request. ``usage``: append one JSON line
+    per finished command to that file (its argv, working directory, exit status, wall, user and system CPU
+    seconds): where a DVC graph's time goes, stage by stage."""
     _preload()
     import torch
 
@@ -170,6 +173,7 @@ def serve(path: Path, *, log=print) -> None:
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # pid -> the client's connection
+    started: dict[int, tuple[float, list[str], str]] = {}  # pid -> (monotonic start, argv, cwd)
     stopping = []
 
     def stop(signum, frame):
@@ -188,22 +192,28 @@ def serve(path: Path, *, log=print) -> None:
                         conn, _ = server.accept()
                     except BlockingIOError:
                         continue
-                    pid = _start(conn, threads, [server, sel, *children.values()])
-                    if pid is None:
+                    begun = _start(conn, threads, [server, sel, *children.values()])
+                    if begun is None:
                         conn.close()
                         continue
+                    pid, request = begun
                     children[pid] = conn
+                    started[pid] = (time.monotonic(), [str(a) for a in request.get("argv", [])],
+                                    str(request.get("cwd", "")))
                     sel.register(conn, selectors.EVENT_READ, pid)
                 else:  # readable while its child runs: the client went away
                     os.kill(key.data, signal.SIGINT)
                     sel.unregister(key.fileobj)
             while children:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    pid, status, rusage = os.wait4(-1, os.WNOHANG)
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
+                if usage is not None and pid in started:
+                    _account(usage, started[pid], os.waitstatus_to_exitcode(status), rusage)
+                started.pop(pid, None)
                 conn = children.pop(pid, None)
                 if conn is None:
                     continue
@@ -223,8 +233,22 @@ def serve(path: Path, *, log=print) -> None:
         path.unlink(missing_ok=True)
 
 
-def _start(conn: socket.socket, threads: int, inherited: list) -> int | None:
-    """Read one request from ``conn`` and fork its child; the child's pid, or None for a refused request."""
+def _account(path: Path, start: tuple[float, list[str], str], code: int, rusage) -> None:
+    """Append one command's line to the ``--usage`` file (a write error is reported once, never fatal)."""
+    t0, argv, cwd = start
+    line = {"argv": argv, "cwd": cwd, "exit": code, "wall_s": round(time.monotonic() - t0, 3),
+            "user_s": round(rusage.ru_utime, 3), "sys_s": round(rusage.ru_stime, 3),
+            "max_rss_mib": round(rusage.ru_maxrss / 1024, 1)}
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as e:
+        print(f"advgen serve: --usage {path}: {e}", file=sys.stderr, flush=True)
+
+
+def _start(conn: socket.socket, threads: int, inherited: list) -> tuple[int, dict] | None:
+    """Read one request from ``conn`` and fork its child; the child's pid and the request, or None for a refused
+    request."""
     conn.setblocking(True)
     try:
         uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
@@ -245,4 +269,4 @@ def _start(conn: socket.socket, threads: int, inherited: list) -> int | None:
         _run_child(fds, request, threads, [*inherited, conn])
     for fd in fds:
         os.close(fd)
-    return pid
+    return pid, request

@@ -141,6 +141,20 @@ def test_mean_hvp_along_any_vectors_is_the_hessian_times_them():
     assert torch.allclose(got, a @ v.double(), atol=1e-4)
 
 
+def test_grouped_hvp_is_each_groups_own_mean_hvp_whatever_the_batches():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 4)).double().eval()
+    points = torch.rand(5, 1, 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    target, source = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([1, 2, 1, 0, 2])
+    group = torch.tensor([0, 0, 1, 2, 2])  # three groups of 2, 1 and 2 points, each with probes of its own
+    v = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    want = torch.stack([D.mean_hvp(model, points[group == g], target[group == g], source[group == g], v[g], h=0.05)
+                        for g in range(3)])
+    for batch_size in (2, 7, 64):  # one perturbed input per pass, an odd split, everything at once
+        got = D.grouped_hvp(model, points, target, source, group, v, h=0.05, batch_size=batch_size)
+        assert got.shape == (3, 9, 4) and got.dtype == torch.float64
+        assert torch.allclose(got, want, atol=1e-10)
+
+
 def test_sketch_eigh_recovers_a_low_rank_hessian_exactly_and_calls_the_rest_flat():
     g = torch.Generator().manual_seed(8)
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))

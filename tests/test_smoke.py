@@ -90,25 +90,40 @@ def test_smoke_profile_runs_every_stage_of_the_full_study(tmp_path, cli_env):
     # Each stage's `advgen` runs in a child of one warm `advgen serve` (ADVGEN_SERVER): the same code and bytes
     # as a fresh process (tests/test_warm.py), without ~1.5 s of imports for each of the 177 stages.
     sock = Path(tempfile.mkdtemp(prefix="advgen-")) / "s.sock"  # short: Unix socket paths are limited
-    server = subprocess.Popen(["advgen", "serve", "--socket", str(sock)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    usage = tmp_path / "usage.jsonl"  # a line per command: where the time goes, stage by stage
+    server = subprocess.Popen(["advgen", "serve", "--socket", str(sock), "--usage", str(usage)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _smoke_stages(tmp_path, repo, full, {**env, "ADVGEN_SERVER": str(sock)}, server, sock)
     finally:
         server.terminate()
         server.wait(timeout=60)
         shutil.rmtree(sock.parent, ignore_errors=True)
+    commands = [json.loads(line) for line in usage.read_text().splitlines()]
+    assert len(commands) == len(full) and {u["exit"] for u in commands} == {0}  # every stage's command, warm
 
     profile = repo / "smoke"
     for ds in DATASETS:
         stats = json.loads((profile / "data" / ds / "clean" / "_stats.json").read_text())
-        assert stats["counts"] == {"train": 8, "test": 8} and stats["source"]["verification"] == "unverified"
+        assert stats["counts"] == {"train": 4, "test": 4} and stats["source"]["verification"] == "unverified"
         summary = json.loads((profile / "metrics" / ds / "resnet18" / "summary.json").read_text())
         assert {"fast/fgsm/eps=0.1", "iterative/pgd/eps=0.1", "minimal/deepfool", "universal/uap/eps=0.1"} <= \
             set(summary["variants"])
     report = (profile / "reports" / "README.md").read_text()
     for title in ("MNIST", "Fashion-MNIST", "CIFAR-10", "CIFAR-100", "SVHN"):
         assert f"## {title}" in report
+
+
+def _merge_cache(src: Path, dst: Path) -> None:
+    """Move DVC cache objects from ``src`` into ``dst`` (content-addressed: an object already there is the same)."""
+    if not src.is_dir():
+        return
+    for obj in src.rglob("*"):
+        if obj.is_file():
+            target = dst / obj.relative_to(src)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                obj.rename(target)
 
 
 def _smoke_stages(tmp_path: Path, repo: Path, full: set[str], env: dict, server: subprocess.Popen,
@@ -151,11 +166,12 @@ def _smoke_stages(tmp_path: Path, repo: Path, full: set[str], env: dict, server:
             assert sorted(stages_of(out)) == groups[ds], ds  # its own stages, each once
             ran += stages_of(out)
             part = tmp_path / ds / "smoke"
-            for folder in ("data", "metrics"):
-                shutil.copytree(part / folder / ds, repo / "smoke" / folder / ds)
-            if (part / ".dvc" / "cache").is_dir():  # content-addressed: merging by copy is safe
-                shutil.copytree(part / ".dvc" / "cache", repo / "smoke" / ".dvc" / "cache", dirs_exist_ok=True)
+            for folder in ("data", "metrics"):  # moved, not copied: the outputs are gigabytes, all told
+                (repo / "smoke" / folder).mkdir(exist_ok=True)
+                (part / folder / ds).rename(repo / "smoke" / folder / ds)
+            _merge_cache(part / ".dvc" / "cache", repo / "smoke" / ".dvc" / "cache")
             entries = yaml.safe_load((part / "dvc.lock").read_text())["stages"]
+            shutil.rmtree(tmp_path / ds)
             assert set(entries) == {"check", *groups[ds]}, ds
             lock["stages"].update({n: e for n, e in entries.items() if n != "check"})
     (repo / "smoke" / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,8 +26,8 @@ def server(cli_env):
     folder: Unix socket paths are limited to ~100 bytes, and pytest's tmp_path can be longer."""
     folder = Path(tempfile.mkdtemp(prefix="advgen-"))
     sock = folder / "s.sock"
-    proc = subprocess.Popen([ADVGEN, "serve", "--socket", str(sock)], env=cli_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([ADVGEN, "serve", "--socket", str(sock), "--usage", str(folder / "usage.jsonl")],
+                            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not sock.exists():
         assert proc.poll() is None, proc.stdout.read()
@@ -72,6 +73,25 @@ def test_a_command_in_the_server_writes_the_bytes_a_fresh_process_writes(server,
     a, b = _files(root / "fresh"), _files(root / "warm")
     assert len(a) > 10 and a == b  # every shard, manifest, card and stats file, byte for byte
     assert fresh.stdout.replace("fresh", "warm") == warm.stdout
+
+
+def test_the_server_accounts_for_every_command_it_ran(server, trained, cli_env, tmp_path):
+    sock, _ = server
+    env = {**cli_env, "ADVGEN_SERVER": str(sock)}
+    ok = subprocess.run([ADVGEN, "generate", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    bad = subprocess.run([ADVGEN, "report", "--metrics-dir", "nowhere", "--out", "r"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert (ok.returncode, bad.returncode) == (0, 2)
+    deadline = time.monotonic() + 30  # the server writes a line once it has reaped the child
+    usage = sock.parent / "usage.jsonl"
+    while len(usage.read_text().splitlines() if usage.exists() else []) < 2:
+        assert time.monotonic() < deadline, "no usage lines"
+        time.sleep(0.05)
+    lines = [json.loads(line) for line in usage.read_text().splitlines()]
+    assert [(u["argv"][:2], u["exit"], u["cwd"]) for u in lines] == [
+        (["generate", "--help"], 0, str(tmp_path)), (["report", "--metrics-dir"], 2, str(tmp_path))]
+    for u in lines:
+        assert u["wall_s"] > 0 and u["user_s"] >= 0 and u["sys_s"] >= 0 and u["max_rss_mib"] > 10
 
 
 def test_bad_input_in_the_server_is_the_same_one_line_error_and_status(server, trained, cli_env):
