@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,13 @@ class FigureJobs:
         self.pending.append((self.pool.submit(fn, *args, **kwargs), path))
         return path
 
+    def cancel(self) -> None:
+        """Drop the figures no worker has started (an error or Ctrl-C in the report); wait for the others."""
+        self.pending = []
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
     def wait(self) -> None:
         failed = []
         try:
@@ -110,14 +117,14 @@ def draw(fn: Callable[..., Path], *args, **kwargs) -> Path:
 @contextmanager
 def figure_jobs(jobs: int) -> Iterator[FigureJobs]:
     """``with figure_jobs(n): ...`` draws the figures handed to ``draw`` inside in up to ``n`` worker
-    processes; leaving waits for them (an error raised inside the block is the one reported)."""
+    processes; leaving waits for them. An error raised inside the block is the one reported, and the figures
+    not yet started are dropped."""
     global _JOBS
     previous, _JOBS = _JOBS, FigureJobs(jobs)
     try:
         yield _JOBS
     except BaseException:
-        with suppress(OSError):
-            _JOBS.wait()
+        _JOBS.cancel()
         raise
     finally:
         pending, _JOBS = _JOBS, previous

@@ -527,6 +527,30 @@ def test_figures_drawn_in_forked_children_are_the_bytes_drawn_here(done, tmp_pat
     assert len(a) == 6 + len(m["profiles"]) and a == b  # no temporary file left beside them either
 
 
+def _slow_figure(path: Path, title: str) -> Path:
+    """A figure that takes a while to draw (module level: figure workers get the function by name)."""
+    import time
+
+    from advgen.report import _plt, _save
+
+    time.sleep(0.3)
+    fig, ax = _plt().subplots(figsize=(2, 2))
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def test_an_error_in_the_report_drops_the_figures_not_yet_started(tmp_path):
+    from advgen.report import draw, figure_jobs
+
+    with pytest.raises(ValueError, match="the report failed"):
+        with figure_jobs(2):
+            paths = [draw(_slow_figure, tmp_path / f"f{i}.png", f"figure {i}") for i in range(40)]
+            raise ValueError("the report failed")
+    assert paths == [tmp_path / f"f{i}.png" for i in range(40)]  # draw answers with the path at once
+    written = sorted(tmp_path.iterdir())
+    assert len(written) < 40 and all(p.suffix == ".png" for p in written)  # whole figures only, no temporaries
+
+
 def test_a_figure_a_child_cannot_write_is_an_error_naming_it(done, tmp_path):
     from advgen.report import figure_jobs
 
