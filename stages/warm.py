@@ -234,11 +234,12 @@ def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
 
 
 def _account(path: Path, start: tuple[float, list[str], str], code: int, rusage) -> None:
-    """Append one command's line to the ``--usage`` file (a write error is reported once, never fatal)."""
+    """Append one command's line to the ``--usage`` file (a write error is reported, never fatal). CPU seconds
+    include the processes the command waited for (a report's figure workers)."""
     t0, argv, cwd = start
+    rss = rusage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)  # bytes on macOS, KiB on Linux
     line = {"argv": argv, "cwd": cwd, "exit": code, "wall_s": round(time.monotonic() - t0, 3),
-            "user_s": round(rusage.ru_utime, 3), "sys_s": round(rusage.ru_stime, 3),
-            "max_rss_mib": round(rusage.ru_maxrss / 1024, 1)}
+            "user_s": round(rusage.ru_utime, 3), "sys_s": round(rusage.ru_stime, 3), "max_rss_mib": round(rss, 1)}
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
