@@ -290,20 +290,17 @@ def sketch_eigh(hvp: Callable[[Tensor], Tensor], p: int, probes: int, generator:
     vectors) with eigenvalue 0 — curvature the sketch did not resolve, ranked as flat. Exact when H has rank
     at most ``probes``.
     """
-    q = range_basis(hvp(sketch_probes(p, probes, generator)).cpu())
-    return rayleigh_ritz(q, hvp(q).cpu())
+    return sketch_eighs(lambda v: hvp(v[0])[None], 1, p, probes, generator)[0]
 
 
-def sketch_probes(p: int, probes: int, generator: torch.Generator) -> Tensor:
-    """The sketch's Gaussian probes Ω (P, probes) float64, unit columns: the finite-difference step is h along
-    each, as along a pixel."""
-    omega = torch.randn(p, probes, generator=generator, dtype=torch.float64)
-    return omega / omega.norm(dim=0)
-
-
-def range_basis(y: Tensor) -> Tensor:
-    """Q = orth(HΩ): the sketch's range basis (P, probes)."""
-    return torch.linalg.qr(y)[0]
+def sketch_eighs(hvp: Callable[[Tensor], Tensor], count: int, p: int, probes: int,
+                 generator: torch.Generator) -> list[Sketch]:
+    """``sketch_eigh`` of ``count`` operators at once, seen through ``hvp`` (count, P, K) -> (count, P, K) (so
+    their products can share batches: ``grouped_hvp``); operator g's probes are the g-th drawn."""
+    omega = torch.randn(count, p, probes, generator=generator, dtype=torch.float64)
+    omega /= omega.norm(dim=1, keepdim=True)  # unit probes: the finite-difference step is h along each, as on a pixel
+    q = torch.linalg.qr(hvp(omega).cpu())[0]
+    return [rayleigh_ritz(qg, zg) for qg, zg in zip(q, hvp(q).cpu())]
 
 
 def rayleigh_ritz(q: Tensor, z: Tensor) -> Sketch:
@@ -389,12 +386,9 @@ def curvature_directions(model: nn.Module, x: Tensor, pred: Tensor, num_classes:
         group = torch.cat([torch.full((counts[c],), g, dtype=torch.int64) for g, c in enumerate(found)])
         tgt = torch.tensor(found, dtype=torch.int64)[group]
 
-        def hvp(v: Tensor) -> Tensor:
-            return grouped_hvp(model, pts, tgt, src, group, v, h=h, batch_size=batch_size).cpu()
-
-        omega = torch.stack([sketch_probes(p, probes, generator) for _ in found])
-        q = torch.stack([range_basis(y) for y in hvp(omega)])
-        sketches = {c: rayleigh_ritz(qc, zc) for c, qc, zc in zip(found, q, hvp(q))}
+        sketches = dict(zip(found, sketch_eighs(
+            lambda v: grouped_hvp(model, pts, tgt, src, group, v, h=h, batch_size=batch_size), len(found), p, probes,
+            generator)))
     for c in range(num_classes):
         sketch = sketches.get(c)
         if sketch is not None:

@@ -91,10 +91,7 @@ class FigureJobs:
                     print(f"advgen report: {path}: {e}", file=sys.stderr, flush=True)
                     failed.append(path)
         finally:
-            self.pending = []
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-                self.pool = None
+            self.cancel()  # every figure is done by now: this only stops the workers
         if failed:
             raise OSError(f"{len(failed)} figure(s) could not be written: " + ", ".join(map(str, failed[:5])))
 

@@ -31,6 +31,7 @@ import stat
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SERVER_ENV = "ADVGEN_SERVER"
@@ -172,8 +173,7 @@ def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
     server.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ)
-    children: dict[int, socket.socket] = {}  # pid -> the client's connection
-    started: dict[int, tuple[float, list[str], str]] = {}  # pid -> (monotonic start, argv, cwd)
+    children: dict[int, _Child] = {}
     stopping = []
 
     def stop(signum, frame):
@@ -192,14 +192,13 @@ def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
                         conn, _ = server.accept()
                     except BlockingIOError:
                         continue
-                    begun = _start(conn, threads, [server, sel, *children.values()])
+                    begun = _start(conn, threads, [server, sel, *(c.conn for c in children.values())])
                     if begun is None:
                         conn.close()
                         continue
                     pid, request = begun
-                    children[pid] = conn
-                    started[pid] = (time.monotonic(), [str(a) for a in request.get("argv", [])],
-                                    str(request.get("cwd", "")))
+                    children[pid] = _Child(conn, time.monotonic(), [str(a) for a in request.get("argv", [])],
+                                           str(request.get("cwd", "")))
                     sel.register(conn, selectors.EVENT_READ, pid)
                 else:  # readable while its child runs: the client went away
                     os.kill(key.data, signal.SIGINT)
@@ -211,12 +210,12 @@ def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
                     break
                 if pid == 0:
                     break
-                if usage is not None and pid in started:
-                    _account(usage, started[pid], os.waitstatus_to_exitcode(status), rusage)
-                started.pop(pid, None)
-                conn = children.pop(pid, None)
-                if conn is None:
+                child = children.pop(pid, None)
+                if child is None:
                     continue
+                if usage is not None:
+                    _account(usage, child, os.waitstatus_to_exitcode(status), rusage)
+                conn = child.conn
                 try:
                     sel.unregister(conn)
                 except (KeyError, ValueError):
@@ -233,12 +232,21 @@ def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
         path.unlink(missing_ok=True)
 
 
-def _account(path: Path, start: tuple[float, list[str], str], code: int, rusage) -> None:
+@dataclass
+class _Child:
+    """A running command: its client's connection, and what ``--usage`` reports of it."""
+
+    conn: socket.socket
+    start: float  # time.monotonic() at fork
+    argv: list[str]
+    cwd: str
+
+
+def _account(path: Path, child: _Child, code: int, rusage) -> None:
     """Append one command's line to the ``--usage`` file (a write error is reported, never fatal). CPU seconds
     include the processes the command waited for (a report's figure workers)."""
-    t0, argv, cwd = start
     rss = rusage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)  # bytes on macOS, KiB on Linux
-    line = {"argv": argv, "cwd": cwd, "exit": code, "wall_s": round(time.monotonic() - t0, 3),
+    line = {"argv": child.argv, "cwd": child.cwd, "exit": code, "wall_s": round(time.monotonic() - child.start, 3),
             "user_s": round(rusage.ru_utime, 3), "sys_s": round(rusage.ru_stime, 3), "max_rss_mib": round(rss, 1)}
     try:
         with open(path, "a", encoding="utf-8") as f:
