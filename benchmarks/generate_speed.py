@@ -60,10 +60,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from advgen.clean import load_clean_split, open_clean
-from advgen.shards import encode_png, read_images
-from advgen.train import channel_stats, resolve_device
-from advgen.variants import read_manifests, write_shard
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.storage.shards import encode_png, read_images
+from advgen.victims.train import channel_stats, resolve_device
+from advgen.storage.variants import read_manifests, write_shard
 from advgen.victims import build, load, save
 from common import ROOT, advgen, prepare_cifar10, report_header, sync, table, write_report
 

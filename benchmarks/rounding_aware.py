@@ -54,9 +54,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import yaml
-from advgen.clean import load_clean_split, open_clean
-from advgen.shards import file_digest, read_images
-from advgen.train import resolve_device
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.storage.shards import file_digest, read_images
+from advgen.victims.train import resolve_device
 from advgen.victims import load
 from common import ROOT, advgen, pattern_images, report_header, table, write_report
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from advgen.clean import load_clean_split, open_clean
-from advgen.train import Recipe, accuracy, default_recipe, fit, resolve_device, train_victim
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.victims.train import Recipe, accuracy, default_recipe, fit, resolve_device, train_victim
 from advgen.victims import build
 from common import ROOT, advgen, prepare_cifar10, report_header, sync, table, write_report
 
@@ -102,7 +102,7 @@ def fit_loop(victim: str, x: torch.Tensor, y: torch.Tensor, batch: int, steps: i
 
 def fashion_accuracy(victim: str, dev: torch.device) -> dict:
     """The demo's default recipe on Debian's real Fashion-MNIST: test accuracy and wall time."""
-    from advgen.datasets import DATASETS, load_source, locate
+    from advgen.data.datasets import DATASETS, load_source, locate
 
     spec = DATASETS["fashion_mnist"]
     paths = locate(spec, [Path(d) for d in spec.system_dirs])

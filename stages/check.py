@@ -18,12 +18,12 @@ from pathlib import Path
 import typer
 import yaml
 
-from advgen.datasets import DATASETS, locate, search_roots
+from advgen.data.datasets import DATASETS, locate, search_roots
 from advgen.errors import BadParameter, CorruptFile
-from advgen.plan import estimate, human
-from advgen.shards import write_json
+from advgen.project.plan import estimate, human
+from advgen.storage.shards import write_json
 from advgen.stages.app import log, stage
-from advgen.train import resolve_device
+from advgen.victims.train import resolve_device
 
 
 def _mem_available() -> int | None:

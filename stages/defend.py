@@ -8,14 +8,14 @@ from pathlib import Path
 import typer
 
 from advgen.attacks import check_params, uses_eps
-from advgen.clean import load_clean_split, open_clean
-from advgen.defend import Memo, Setting, adaptive_attack, scaled_perturbations, sweep
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.evaluation.defend import Memo, Setting, adaptive_attack, scaled_perturbations, sweep
 from advgen.errors import BadParameter
-from advgen.evaluate import open_variant
-from advgen.shards import read_split, write_csv, write_json
-from advgen.train import resolve_device
+from advgen.evaluation.whitebox import open_variant
+from advgen.storage.shards import read_split, write_csv, write_json
+from advgen.victims.train import resolve_device
 from advgen.victims import load
-from advgen.outputs import check_file_target, check_writable
+from advgen.storage.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 
 

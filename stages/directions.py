@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import typer
 
-from advgen import directions as D
-from advgen.clean import load_clean_split, open_clean
+from advgen.analysis import directions as D
+from advgen.data.clean import load_clean_split, open_clean
 from advgen.errors import BadParameter, CorruptFile
-from advgen.evaluate import find_variants, open_variant, variant_name
-from advgen.outputs import (
+from advgen.evaluation.whitebox import find_variants, open_variant, variant_name
+from advgen.storage.outputs import (
     STATS,
     check_file_target,
     check_replaceable,
@@ -36,9 +36,9 @@ from advgen.outputs import (
     replace_dir,
     staging_path,
 )
-from advgen.shards import file_digest, read_split, write_csv, write_json
-from advgen.train import resolve_device
-from advgen.variants import npy_bytes
+from advgen.storage.shards import file_digest, read_split, write_csv, write_json
+from advgen.victims.train import resolve_device
+from advgen.storage.variants import npy_bytes
 from advgen.versions import versions
 from advgen.victims import load
 from advgen.stages.app import log, stage

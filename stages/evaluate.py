@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import typer
 
-from advgen.clean import open_clean
+from advgen.data.clean import open_clean
 from advgen.errors import BadParameter
-from advgen.evaluate import (
+from advgen.evaluation.whitebox import (
     BucketRule,
     check_thresholds,
     curve_rows,
@@ -20,10 +20,10 @@ from advgen.evaluate import (
     open_variant,
     summarize_results,
 )
-from advgen.models import check_victim_options, victim_sha256
-from advgen.shards import write_csv, write_json, write_parquet
+from advgen.victims.byo import check_victim_options, victim_sha256
+from advgen.storage.shards import write_csv, write_json, write_parquet
 from advgen.victims import load
-from advgen.outputs import check_file_target, check_writable
+from advgen.storage.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 

@@ -19,11 +19,11 @@ import torch
 import typer
 
 from advgen.attacks import METHODS, check_params, get_method, uses_eps
-from advgen.cards import split_bytes, variant_card
-from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import spec_for, spec_record
+from advgen.storage.cards import split_bytes, variant_card
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.data.datasets import spec_for, spec_record
 from advgen.errors import AdvgenError, BadParameter
-from advgen.generate import (
+from advgen.generation.driver import (
     FORMAT_VERSION,
     UAP_FILES,
     AttackParams,
@@ -34,12 +34,12 @@ from advgen.generate import (
     uap_fitting_images,
     write_universal,
 )
-from advgen.generate import generate as run_generate
-from advgen.models import check_victim_options, open_victim
-from advgen.outputs import STATS, check_file_target, check_writable
-from advgen.shards import file_digest, write_json
-from advgen.train import resolve_device
-from advgen.variants import Variant, finalize, invalidate
+from advgen.generation.driver import generate as run_generate
+from advgen.victims.byo import check_victim_options, open_victim
+from advgen.storage.outputs import STATS, check_file_target, check_writable
+from advgen.storage.shards import file_digest, write_json
+from advgen.victims.train import resolve_device
+from advgen.storage.variants import Variant, finalize, invalidate
 from advgen.versions import versions
 from advgen.stages.app import log, parse_number, stage
 from advgen.stages.progress import bar

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from advgen.clean import load_clean_split, open_clean
-from advgen.train import accuracy, resolve_device
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.victims.train import accuracy, resolve_device
 from advgen.victims import count_parameters, load
 from advgen.stages.app import stage
 

@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from advgen.clean import write_clean
-from advgen.datasets import DATASETS, Source, download, get_dataset, load_source, locate, search_roots
+from advgen.data.clean import write_clean
+from advgen.data.datasets import DATASETS, Source, download, get_dataset, load_source, locate, search_roots
 from advgen.errors import BadParameter, DatasetNotFound
-from advgen.outputs import check_replaceable, recover
-from advgen.sources import folder_source, hf_source
+from advgen.storage.outputs import check_replaceable, recover
+from advgen.data.byo import folder_source, hf_source
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 

@@ -17,8 +17,8 @@ import typer
 import yaml
 
 from advgen.errors import BadParameter, CorruptFile
-from advgen.profiles import DVC_GITIGNORE, dvc_config, relative, render_dvc_yaml
-from advgen.shards import write_text
+from advgen.project.profiles import DVC_GITIGNORE, dvc_config, relative, render_dvc_yaml
+from advgen.storage.shards import write_text
 from advgen.stages.app import log, stage
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from advgen.publish import publication
-from advgen.shards import write_text
-from advgen.verify import CARD, SUMS
+from advgen.storage.publish import publication
+from advgen.storage.shards import write_text
+from advgen.storage.verify import CARD, SUMS
 from advgen.stages.app import log, stage
 
 

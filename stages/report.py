@@ -11,13 +11,13 @@ import typer
 import yaml
 
 from advgen import report as R
-from advgen.directions_report import section
-from advgen.datasets import DATASETS, DatasetSpec, spec_for
+from advgen.report.directions import section
+from advgen.data.datasets import DATASETS, DatasetSpec, spec_for
 from advgen.errors import BadParameter, CorruptFile
-from advgen.evaluate import find_variants, variant_name
-from advgen.shards import read_split, read_stats, write_text
-from advgen.variants import read_manifests
-from advgen.outputs import check_writable
+from advgen.evaluation.whitebox import find_variants, variant_name
+from advgen.storage.shards import read_split, read_stats, write_text
+from advgen.storage.variants import read_manifests
+from advgen.storage.outputs import check_writable
 from advgen.stages.app import log, stage
 
 

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import typer
 
-from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import spec_for
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.data.datasets import spec_for
 from advgen.errors import BadParameter
-from advgen.evaluate import open_variant
-from advgen.retrain import MODES, assess, check_mode, mix, online_attack
-from advgen.retrain import retrain as run_retrain
-from advgen.shards import read_split, write_json
-from advgen.train import Recipe, resolve_device
+from advgen.evaluation.whitebox import open_variant
+from advgen.evaluation.retrain import MODES, assess, check_mode, mix, online_attack
+from advgen.evaluation.retrain import retrain as run_retrain
+from advgen.storage.shards import read_split, write_json
+from advgen.victims.train import Recipe, resolve_device
 from advgen.versions import versions
 from advgen.victims import load, save
-from advgen.outputs import check_file_target, check_writable
+from advgen.storage.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 

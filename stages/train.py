@@ -10,12 +10,12 @@ from typing import Optional
 
 import typer
 
-from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import DATASETS, get_dataset, spec_for
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.data.datasets import DATASETS, get_dataset, spec_for
 from advgen.errors import unknown
-from advgen.outputs import check_file_target
-from advgen.shards import STATS, write_json
-from advgen.train import accuracy, default_recipe, resolve_device, train_victim
+from advgen.storage.outputs import check_file_target
+from advgen.storage.shards import STATS, write_json
+from advgen.victims.train import accuracy, default_recipe, resolve_device, train_victim
 from advgen.versions import versions
 from advgen.victims import VICTIMS, count_parameters, save
 from advgen.stages.app import log, stage

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import typer
 
-from advgen.clean import load_clean_split, open_clean
+from advgen.data.clean import load_clean_split, open_clean
 from advgen.errors import BadParameter
-from advgen.evaluate import find_variants, open_variant, variant_name
-from advgen.shards import file_digest, read_split, write_csv, write_json
-from advgen.train import resolve_device
-from advgen.transfer import classify, transfer_row
+from advgen.evaluation.whitebox import find_variants, open_variant, variant_name
+from advgen.storage.shards import file_digest, read_split, write_csv, write_json
+from advgen.victims.train import resolve_device
+from advgen.evaluation.transfer import classify, transfer_row
 from advgen.victims import load
-from advgen.outputs import check_file_target, check_writable
+from advgen.storage.outputs import check_file_target, check_writable
 from advgen.stages.app import log, stage
 from advgen.stages.progress import bar
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from advgen.errors import CorruptFile
-from advgen.verify import describe, find_folders, verify_folder
+from advgen.storage.verify import describe, find_folders, verify_folder
 from advgen.stages.app import log, stage
 
 

@@ -92,7 +92,7 @@ def _preload() -> None:
 
     import advgen.stages.cli  # noqa: F401 - every stage and, through them, the library
 
-    for name in ("datasets", "directions", "directions_report", "publish", "report", "retrain", "sources"):
+    for name in ("data.datasets", "analysis.directions", "report.directions", "storage.publish", "report", "evaluation.retrain", "data.byo"):
         __import__(f"advgen.{name}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advgen.datasets import DATASETS, DatasetSpec
+from advgen.data.datasets import DATASETS, DatasetSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
@@ -160,8 +160,8 @@ def copy_project(dest: Path) -> None:
 
 def tiny_clean(root: Path, *, train: int = 48, test: int = 24, shard_size: int = 8) -> Path:
     """root/raw (synthetic MNIST files) and root/clean (advgen shards of ``shard_size``); returns root/clean."""
-    from advgen.clean import write_clean
-    from advgen.datasets import load_source, locate
+    from advgen.data.clean import write_clean
+    from advgen.data.datasets import load_source, locate
 
     spec = small_spec("mnist", train=train, test=test)
     WRITERS["mnist"](root / "raw", spec)

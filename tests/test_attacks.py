@@ -13,7 +13,7 @@ from torch import nn
 from conftest import pattern_images
 from advgen import attacks
 from advgen.attacks import METHODS, deepfool, run
-from advgen.train import Recipe, train_victim
+from advgen.victims.train import Recipe, train_victim
 
 EPS = 0.1
 

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import WRITERS, small_spec
-from advgen.clean import write_clean
-from advgen.datasets import load_source, locate
+from advgen.data.clean import write_clean
+from advgen.data.datasets import load_source, locate
 from advgen.victims import load
 from advgen.stages.cli import app
 

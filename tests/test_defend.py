@@ -20,7 +20,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 from typer.testing import CliRunner
 
-from advgen.defend import defended_accuracy, scale_perturbation
+from advgen.evaluation.defend import defended_accuracy, scale_perturbation
 from advgen.defenses import GaussianBlur, Resample
 from advgen.victims import build, load
 from advgen.stages.cli import app
@@ -247,7 +247,7 @@ def test_bad_adaptive_attack_is_refused_before_compute(folders, tmp_path, extra,
 
 
 def test_fooling_rate_is_the_share_of_changed_predictions_behind_the_same_defense():
-    from advgen.defend import Setting, sweep
+    from advgen.evaluation.defend import Setting, sweep
 
     model = _tiny_model()
     g = torch.Generator().manual_seed(2)

@@ -16,10 +16,10 @@ from conftest import read_split_by_hand, tiny_clean
 from torch import nn
 from typer.testing import CliRunner
 
-from advgen import directions as D
+from advgen.analysis import directions as D
 from advgen.attacks import deepfool
 from advgen.defenses import Resample
-from advgen.directions_report import section
+from advgen.report.directions import section
 from advgen.victims import load
 from advgen.stages.cli import app
 
@@ -483,7 +483,7 @@ def test_report_section_draws_and_links_every_figure(done, tmp_path):
 
 
 def test_findings_quote_the_numbers_and_judge_them_against_the_paper():
-    from advgen.directions_report import findings
+    from advgen.report.directions import findings
 
     p, c = 100, 4
     m = {"num_classes": c, "input_dim": p, "clean_accuracy": {"test": 0.8}, "params": {"curvature_images": 5},

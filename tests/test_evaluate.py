@@ -23,7 +23,7 @@ from conftest import tiny_clean
 from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
-from advgen.evaluate import curve_rows
+from advgen.evaluation.whitebox import curve_rows
 from advgen.stages.cli import app
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FASHION_DEB
-from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import DATASETS, load_source, locate
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.data.datasets import DATASETS, load_source, locate
 from advgen.stages.cli import app
 
 pytestmark = pytest.mark.skipif(not FASHION_DEB.is_dir(), reason="dataset-fashion-mnist is not installed")

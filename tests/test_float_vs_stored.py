@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from conftest import tiny_clean
 
-from advgen.evaluate import BucketRule, assign_buckets, evaluate_variant, load_clean, open_variant
-from advgen.shards import file_digest, read_stats
-from advgen.variants import finalize, write_shard
+from advgen.evaluation.whitebox import BucketRule, assign_buckets, evaluate_variant, load_clean, open_variant
+from advgen.storage.shards import file_digest, read_stats
+from advgen.storage.variants import finalize, write_shard
 
 
 def _variant(root, clean, direction: str, columns: dict[str, np.ndarray]):
     """A variant written by hand: the clean test images stored as they are, with manifests saying ``columns``."""
-    from advgen.shards import read_split
+    from advgen.storage.shards import read_split
 
     stats = read_stats(clean, kind="clean")
     x, y, keys = read_split(clean, stats, "test")
@@ -42,7 +42,7 @@ def _variant(root, clean, direction: str, columns: dict[str, np.ndarray]):
 def test_rounding_that_flips_outcomes_is_counted_on_both_sides(tmp_path, direction):
     clean = tiny_clean(tmp_path, train=16, test=24, shard_size=8)
     stats = read_stats(clean, kind="clean")
-    from advgen.shards import read_split
+    from advgen.storage.shards import read_split
 
     _, labels, _ = read_split(clean, stats, "test")
     y = labels.numpy()

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import small_spec, write_cifar, write_idx, write_svhn
 from advgen.errors import CorruptFile
-from advgen.formats import read_cifar_batches, read_idx, read_svhn_mat
+from advgen.data.formats import read_cifar_batches, read_idx, read_svhn_mat
 
 
 @pytest.mark.parametrize("gz", [True, False])

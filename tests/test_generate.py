@@ -18,12 +18,12 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from conftest import WRITERS, small_spec
-from advgen.clean import write_clean
-from advgen.datasets import load_source, locate
-from advgen.generate import Batch, _finish
-from advgen.shards import decode_png, file_digest, iter_tar
-from advgen.train import Recipe, train_victim
-from advgen.variants import Variant, summarize
+from advgen.data.clean import write_clean
+from advgen.data.datasets import load_source, locate
+from advgen.generation.driver import Batch, _finish
+from advgen.storage.shards import decode_png, file_digest, iter_tar
+from advgen.victims.train import Recipe, train_victim
+from advgen.storage.variants import Variant, summarize
 from advgen.victims import load, save
 from advgen.stages.cli import app
 
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
         WRITERS[name](root / name / "raw", spec)
         write_clean(load_source(spec, locate(spec, [root / name / "raw"]), allow_unverified=True),
                     root / name / "clean", shard_size=8)
-    from advgen.clean import load_clean_split, open_clean
+    from advgen.data.clean import load_clean_split, open_clean
 
     clean = root / "mnist" / "clean"
     stats = open_clean(clean)
@@ -282,7 +282,7 @@ def test_rounding_keeps_0_6_drops_0_4_and_counts_changed_outcomes():
 def test_loading_helpers_give_the_stored_images(reference):
     from torch.utils.data import DataLoader
 
-    from advgen.loading import ShardDataset, iter_batches
+    from advgen.storage.loading import ShardDataset, iter_batches
 
     folder = reference / "fgsm" / "eps=0.1"
     batches = list(iter_batches(folder, "test", batch_size=10))

@@ -25,10 +25,10 @@ import torch
 from conftest import VENV_BIN, WRITERS, small_spec, tiny_clean
 from typer.testing import CliRunner
 
-from advgen.outputs import clean_stale, recover, replace_dir
-from advgen.shards import encode_png, file_digest, write_json
+from advgen.storage.outputs import clean_stale, recover, replace_dir
+from advgen.storage.shards import encode_png, file_digest, write_json
 from advgen.stages.cli import app
-from advgen.train import Recipe, train_victim
+from advgen.victims.train import Recipe, train_victim
 from advgen.victims import CKPT_FORMAT, build, checkpoint_bytes, save
 
 runner = CliRunner()
@@ -56,7 +56,7 @@ def setup(tmp_path_factory) -> Path:
     """root/clean (mnist 48 + 24, shards of 8), root/raw (its IDX files) and root/mlp.pt (a trained mlp)."""
     root = tmp_path_factory.mktemp("hostile")
     clean = tiny_clean(root, train=48, test=24, shard_size=8)
-    from advgen.clean import load_clean_split, open_clean
+    from advgen.data.clean import load_clean_split, open_clean
 
     x, y, _ = load_clean_split(clean, open_clean(clean), "train")
     model, _ = train_victim("mlp", dataset="mnist", num_classes=10, x=x, y=y,
@@ -160,9 +160,9 @@ def test_crafted_stats_cannot_make_generate_write_outside(setup, tmp_path, name)
 
 
 def test_a_changed_variant_loses_its_completion_marker_before_its_first_new_shard(setup, tmp_path):
-    from advgen.clean import open_clean
-    from advgen.generate import AttackParams, generate
-    from advgen.variants import Variant
+    from advgen.data.clean import open_clean
+    from advgen.generation.driver import AttackParams, generate
+    from advgen.storage.variants import Variant
     from advgen.victims import load
 
     out = tmp_path / "out"

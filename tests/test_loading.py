@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from conftest import read_split_by_hand, tiny_clean
 from advgen.errors import BadParameter
-from advgen.loading import ShardDataset
+from advgen.storage.loading import ShardDataset
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from advgen import metrics
+from advgen.evaluation import metrics
 from advgen.errors import BadParameter
-from advgen.metrics import (
+from advgen.evaluation.metrics import (
     BUCKETS,
     confidence_buckets,
     error_rate_reduction,

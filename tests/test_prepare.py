@@ -12,10 +12,10 @@ import pytest
 import webdataset as wds
 
 from conftest import WRITERS, small_spec
-from advgen.clean import MIN_SHARDS, default_shard_size, load_clean_split, open_clean, write_clean
-from advgen.datasets import DATASETS, load_source, locate
+from advgen.data.clean import MIN_SHARDS, default_shard_size, load_clean_split, open_clean, write_clean
+from advgen.data.datasets import DATASETS, load_source, locate
 from advgen.errors import CorruptFile
-from advgen.shards import STATS, decode_png
+from advgen.storage.shards import STATS, decode_png
 
 
 def _prepared(tmp_path: Path, name: str, **kw) -> tuple[dict, dict, Path]:
@@ -164,7 +164,7 @@ def test_locate_prefers_earlier_roots_and_subfolders(tmp_path):
 
 def test_png_is_lossless():
     rng = np.random.default_rng(0)
-    from advgen.shards import encode_png
+    from advgen.storage.shards import encode_png
 
     for shape in [(28, 28, 1), (32, 32, 3)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -174,7 +174,7 @@ def test_png_is_lossless():
 def test_tar_members_are_plain_deterministic_ustar(tmp_path):
     import tarfile
 
-    from advgen.shards import write_tar
+    from advgen.storage.shards import write_tar
 
     write_tar(tmp_path / "s.tar", [{"__key__": "000001", "png": b"\x89PNG", "cls": b"3"},
                                    {"__key__": "000002", "cls": b"4", "png": b"\x89PNG!"}])

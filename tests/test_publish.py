@@ -21,14 +21,14 @@ import yaml
 from conftest import read_split_by_hand, tiny_clean
 from typer.testing import CliRunner
 
-from advgen.clean import load_clean_split, open_clean
-from advgen.datasets import DATASETS
+from advgen.data.clean import load_clean_split, open_clean
+from advgen.data.datasets import DATASETS
 from advgen.errors import BadParameter
-from advgen.publish import config_names
-from advgen.shards import file_digest, iter_tar, write_parquet, write_tar
-from advgen.train import Recipe, train_victim
-from advgen.variants import TAR_SHA_KEY
-from advgen.verify import verify_folder
+from advgen.storage.publish import config_names
+from advgen.storage.shards import file_digest, iter_tar, write_parquet, write_tar
+from advgen.victims.train import Recipe, train_victim
+from advgen.storage.variants import TAR_SHA_KEY
+from advgen.storage.verify import verify_folder
 from advgen.victims import save
 from advgen.stages.cli import app
 

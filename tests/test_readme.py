@@ -122,9 +122,9 @@ def readme_data(tmp_path_factory) -> Path:
     Tiny synthetic Fashion-MNIST (16 + 16 images in 8 + 8 shards, as the real test split has 8),
     two victims trained for an epoch, and their FGSM ε = 0.1 copies written by ``advgen generate``.
     """
-    from advgen.clean import load_clean_split, open_clean, write_clean
-    from advgen.datasets import load_source, locate
-    from advgen.train import Recipe, train_victim
+    from advgen.data.clean import load_clean_split, open_clean, write_clean
+    from advgen.data.datasets import load_source, locate
+    from advgen.victims.train import Recipe, train_victim
     from advgen.victims import save
 
     root = tmp_path_factory.mktemp("readme")

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from advgen import attacks
 from advgen.errors import AdvgenError, BadParameter
-from advgen.retrain import MODES, mix, online_attack, retrain
-from advgen.train import Recipe, train_victim
+from advgen.evaluation.retrain import MODES, mix, online_attack, retrain
+from advgen.victims.train import Recipe, train_victim
 from advgen.victims import load
 from advgen.stages.cli import app
 
@@ -349,7 +349,7 @@ def test_cli_bad_online_eps_is_refused_before_compute(folders, tmp_path):
 
 
 def test_assess_gives_losses_and_remeasures_deepfool_rho_on_the_model():
-    from advgen.retrain import assess, white_box
+    from advgen.evaluation.retrain import assess, white_box
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -374,7 +374,7 @@ def test_fresh_white_box_copies_stay_adversarial_as_stored_like_generated_ones(m
     """The fresh attack in retrain/defend stores what `advgen generate` would: finished on the uint8 lattice
     where rounding undid the float attack (the default), so its accuracy is not inflated by rounding."""
     from advgen import attacks
-    from advgen.retrain import white_box
+    from advgen.evaluation.retrain import white_box
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5)).eval()

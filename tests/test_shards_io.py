@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from advgen.errors import CorruptFile
-from advgen.shards import _decode_plain_png, decode_png, encode_png, iter_tar, write_tar
+from advgen.storage.shards import _decode_plain_png, decode_png, encode_png, iter_tar, write_tar
 
 
 def _samples(n: int) -> list[dict[str, bytes]]:

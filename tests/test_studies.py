@@ -17,7 +17,7 @@ from conftest import ROOT, copy_project
 
 from advgen import report as R
 from advgen.attacks import METHODS
-from advgen.datasets import DATASETS
+from advgen.data.datasets import DATASETS
 from advgen.victims import VICTIMS
 
 STUDIES = sorted(p.parent for p in (ROOT / "studies").glob("*/paper.yaml"))

@@ -7,11 +7,11 @@ import torch
 
 from conftest import pattern_images
 from advgen.errors import BadParameter
-from advgen.train import (
+from advgen.victims.train import (
     Recipe, _lr_factor, accuracy, channel_stats, default_recipe, predict, random_crop, random_flip,
     resolve_device, train_victim,
 )
-from advgen.datasets import DATASETS
+from advgen.data.datasets import DATASETS
 from advgen.victims import VICTIMS
 
 CPU = torch.device("cpu")

@@ -19,8 +19,8 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    from advgen.clean import load_clean_split, open_clean
-    from advgen.train import Recipe, train_victim
+    from advgen.data.clean import load_clean_split, open_clean
+    from advgen.victims.train import Recipe, train_victim
     from advgen.victims import save
 
     root = tmp_path_factory.mktemp("uap")

@@ -13,10 +13,10 @@ import torch
 from conftest import WRITERS, small_spec
 from typer.testing import CliRunner
 
-from advgen.clean import write_clean
-from advgen.datasets import load_source, locate
-from advgen.shards import encode_png, file_digest, iter_tar, write_json, write_parquet, write_tar
-from advgen.verify import find_folders, verify_folder
+from advgen.data.clean import write_clean
+from advgen.data.datasets import load_source, locate
+from advgen.storage.shards import encode_png, file_digest, iter_tar, write_json, write_parquet, write_tar
+from advgen.storage.verify import find_folders, verify_folder
 from advgen.victims import build, save
 from advgen.stages.cli import app
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from advgen.errors import CorruptFile
-from advgen.outputs import STATS, check_stats_names
+from advgen.storage.outputs import STATS, check_stats_names
 KEY_WIDTH = 6  # 73257 SVHN training images fit; keys sort like numbers
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from advgen.defenses import Defended, build_defense
-from advgen.retrain import white_box
+from advgen.evaluation.retrain import white_box
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from advgen.errors import BadParameter, CorruptFile
-from advgen.shards import STATS, decode_png, iter_tar, verify_shards
+from advgen.storage.shards import STATS, decode_png, iter_tar, verify_shards
 
 
 def shard_paths(folder: Path, split: str, *, verify: bool = True) -> list[Path]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from advgen.errors import BadParameter, CheckpointError
-from advgen.shards import file_digest
+from advgen.storage.shards import file_digest
 from advgen.victims import load
 
 ModelKind = Literal["torchscript", "export", "factory"]

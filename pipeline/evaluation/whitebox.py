@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from advgen import metrics
+from advgen.evaluation import metrics
 from advgen.errors import BadParameter, CorruptFile
-from advgen.shards import STATS, file_digest, read_split, read_stats, verify_shards
-from advgen.variants import read_manifests
+from advgen.storage.shards import STATS, file_digest, read_split, read_stats, verify_shards
+from advgen.storage.variants import read_manifests
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from advgen.cards import dataset_info_lines, size_category, split_bytes
-from advgen.datasets import DatasetSpec, spec_for
+from advgen.storage.cards import dataset_info_lines, size_category, split_bytes
+from advgen.data.datasets import DatasetSpec, spec_for
 from advgen.errors import BadParameter, CorruptFile
-from advgen.outputs import STATS, plain_name
-from advgen.shards import file_digest, read_stats
-from advgen.variants import format_eps
-from advgen.verify import CARD, PUBLISHED, SUMS, find_folders, published_card, relative_path, verify_folder
+from advgen.storage.outputs import STATS, plain_name
+from advgen.storage.shards import file_digest, read_stats
+from advgen.storage.variants import format_eps
+from advgen.storage.verify import CARD, PUBLISHED, SUMS, find_folders, published_card, relative_path, verify_folder
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advgen.variants import read_manifests
+from advgen.storage.variants import read_manifests
 
 
 @torch.no_grad()

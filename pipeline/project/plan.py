@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from advgen.attacks import METHODS, uses_eps
-from advgen.datasets import DATASETS, DatasetSpec
+from advgen.data.datasets import DATASETS, DatasetSpec
 from advgen.errors import BadParameter
 
 _BLOCK = 512

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advgen.errors import AdvgenError
-from advgen.shards import STATS, encode_png, file_digest, write_json, write_parquet, write_tar, write_text
+from advgen.storage.shards import STATS, encode_png, file_digest, write_json, write_parquet, write_tar, write_text
 
 FINGERPRINT_KEY = b"advgen.fingerprint"
 TAR_SHA_KEY = b"advgen.tar_sha256"

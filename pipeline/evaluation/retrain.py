@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from advgen import attacks
 from advgen.errors import BadParameter, unknown
-from advgen.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, predict, train_victim
+from advgen.victims.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, predict, train_victim
 from advgen.victims import Victim
 
 MODES = ("finetune", "scratch", "online_fgsm", "online_pgd")

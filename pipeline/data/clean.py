@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from advgen.cards import clean_card, split_bytes
-from advgen.datasets import SPLITS, DatasetSpec, Source, spec_record
+from advgen.storage.cards import clean_card, split_bytes
+from advgen.data.datasets import SPLITS, DatasetSpec, Source, spec_record
 from advgen.errors import BadParameter, CorruptFile
-from advgen.outputs import check_replaceable, clean_stale, recover, replace_dir, staging_path
-from advgen.shards import (
+from advgen.storage.outputs import check_replaceable, clean_stale, recover, replace_dir, staging_path
+from advgen.storage.shards import (
     STATS,
     encode_png,
     file_digest,

@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from advgen.cards import size_category
-from advgen.datasets import DATASETS, DatasetSpec, spec_for
+from advgen.storage.cards import size_category
+from advgen.data.datasets import DATASETS, DatasetSpec, spec_for
 from advgen.errors import AdvgenError, CorruptFile
-from advgen.shards import STATS, decode_png, file_digest, iter_tar
-from advgen.variants import FINGERPRINT_KEY, TAR_SHA_KEY, format_eps
+from advgen.storage.shards import STATS, decode_png, file_digest, iter_tar
+from advgen.storage.variants import FINGERPRINT_KEY, TAR_SHA_KEY, format_eps
 
 CARD = "README.md"
 KINDS = ("clean", "variant")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from advgen.datasets import SPLITS, Source, content_sha256, user_spec
+from advgen.data.datasets import SPLITS, Source, content_sha256, user_spec
 from advgen.errors import BadParameter, CorruptFile, DatasetNotFound
 
 # What torchvision's ImageFolder reads; other files (and hidden ones) in class folders are skipped, as there.

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from advgen.attacks import deepfool
 from advgen.defenses import Defended, Resample
 from advgen.errors import CorruptFile
-from advgen.shards import iter_tar
+from advgen.storage.shards import iter_tar
 
 Family = Literal["pos", "neg", "negpos", "flat"]
 CURVATURE_FAMILIES: dict[str, str] = {"pos": "S_pos", "neg": "S_neg", "negpos": "S_neg∪pos", "flat": "S_flat"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from advgen.datasets import DatasetSpec
+from advgen.data.datasets import DatasetSpec
 
 
 def _q(value: object) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from advgen.evaluate import variant_name
-from advgen.outputs import staging_path
+from advgen.evaluation.whitebox import variant_name
+from advgen.storage.outputs import staging_path
 
 SIGN_METHODS = ("fgsm", "bim", "pgd", "illc_fast", "illc_iter")  # L∞ sign steps
 UNSIGNED_METHODS = ("fgm", "fgm_l2", "pgd_l2")  # raw or L2-normalized gradients

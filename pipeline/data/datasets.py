@@ -25,8 +25,8 @@ from typing import Callable, Literal
 import numpy as np
 
 from advgen.errors import BadParameter, CorruptFile, DatasetNotFound, unknown
-from advgen.formats import read_cifar_batches, read_idx, read_svhn_mat
-from advgen.shards import file_digest
+from advgen.data.formats import read_cifar_batches, read_idx, read_svhn_mat
+from advgen.storage.shards import file_digest
 
 SPLITS: tuple[str, ...] = ("train", "test")
 Verification = Literal["original files (md5)", "decoded content (sha256)", "unverified"]

@@ -1,0 +1,1 @@
+"""Analysis: the geometry of adversarial directions (Jetley et al.): subspaces, curvature, class sketches."""

@@ -1,0 +1,1 @@
+"""Data sources and formats: dataset specs and raw readers, bring-your-own sources, the clean shard folders."""

@@ -1,0 +1,1 @@
+"""Evaluation: white-box accuracy, transfer across victims, adversarial retraining, input defenses, metrics."""
