@@ -17,6 +17,7 @@ traceback of the handled errors too.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import sys
@@ -136,3 +137,18 @@ def log(message: str) -> None:
     """A progress line on stderr (stdout stays clean for pipes)."""
     print(printable(message), file=sys.stderr, flush=True)
 
+
+
+def with_options(options: list[tuple[str, object, type, str]], before: str) -> Callable[[F], F]:
+    """Add generated options to a stage: (name, default, type, help) each, placed before parameter ``before``;
+    the stage takes them as ``**kwargs``. Flags read from a registry (attack parameters) are declared once, there."""
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()
+                  if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = next(i for i, p in enumerate(params) if p.name == before)
+        made = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, help=text),
+                                  annotation=kind) for name, default, kind, text in options]
+        fn.__signature__ = sig.replace(parameters=params[:at] + made + params[at:])  # type: ignore[attr-defined]
+        return fn
+    return decorate

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from advgen.attacks import check_params, uses_eps
+from advgen import attacks
 from advgen.data.clean import load_clean_split, open_clean
 from advgen.evaluation.defend import Memo, Setting, adaptive_attack, scaled_perturbations, sweep
 from advgen.errors import BadParameter
@@ -51,9 +51,8 @@ def defend(
     settings += [Setting("resample", float(max(1, round(f * side)))) for f in resample_factor]
     for s in settings:
         s.build()  # bad σ or size: an error before any compute
-    eps_or_none = adaptive_eps if uses_eps(adaptive_method) else None
-    check_params(adaptive_method, eps=eps_or_none, steps=steps, step_size=None, label_source="true",
-                 target="least_likely", candidates=10, overshoot=0.02, max_iter=50)
+    eps_or_none = adaptive_eps if attacks.get(adaptive_method).takes_eps else None
+    attacks.check(attacks.get(adaptive_method), eps_or_none, attacks.Params(steps=steps))
     models = {"original": model}
     if retrained is not None:
         ckpts = sorted(Path(retrained).glob("*.pt"))

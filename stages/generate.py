@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import typer
 
-from advgen.attacks import METHODS, check_params, get_method, uses_eps
+from advgen import attacks
 from advgen.storage.cards import split_bytes, variant_card
 from advgen.data.clean import load_clean_split, open_clean
 from advgen.data.datasets import spec_for, spec_record
@@ -41,7 +41,7 @@ from advgen.storage.shards import file_digest, write_json
 from advgen.victims.train import resolve_device
 from advgen.storage.variants import Variant, finalize, invalidate
 from advgen.versions import versions
-from advgen.stages.app import log, parse_number, stage
+from advgen.stages.app import log, parse_number, stage, with_options
 from advgen.stages.progress import bar
 
 
@@ -49,7 +49,17 @@ def _split_commas(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _attack_options() -> list[tuple[str, object, type, str]]:
+    """One flag per declared attack parameter (``advgen.attacks.PARAMS``), with its default and help."""
+    out = []
+    for p in attacks.PARAMS.values():
+        default = p.unset_when if p.default is None else p.default
+        out.append((p.name, default, type(default), attacks.help_of(p)))
+    return out
+
+
 @stage
+@with_options(_attack_options(), before="batch_size")
 def generate(
     victim_ckpt: Path | None = typer.Option(None, help="Victim checkpoint (.pt) from `advgen train`; or bring "
                                             "your own model with --model or --factory."),
@@ -66,32 +76,11 @@ def generate(
                                            "the clean folder's class count."),
     clean: Path = typer.Option(..., help="Clean folder from `advgen prepare` (same dataset as the victim)."),
     out: Path = typer.Option(..., help="Output root: OUT/<method>/eps=<ε>/{split}-NNNNNN.tar."),
-    method: list[str] = typer.Option(..., help=f"Repeatable (or comma-separated). One of: {', '.join(METHODS)}."),
+    method: list[str] = typer.Option(..., help="Repeatable (or comma-separated). One of: "
+                              f"{', '.join(attacks.METHODS)}."),
     eps: list[str] = typer.Option([], help="Repeatable (or comma-separated) ε in pixel units of [0, 1] images; "
                                   "fractions such as 8/255 work. Not used by deepfool."),
     split: list[str] = typer.Option(["train", "test"], help="Splits to copy (repeatable, or comma-separated)."),
-    steps: int = typer.Option(10, help="Iterations of bim, d_bim, illc_iter, pgd, pgd_l2."),
-    step_size: float = typer.Option(0.0, help="Step of the iterative methods; 0 = 2.5·ε/steps (fgs_until: the "
-                                    "weight of each sign step; 0 = 0.01)."),
-    label_source: str = typer.Option("true", help="Gradient label: true, or predicted (the model's top-1)."),
-    target: str = typer.Option("least_likely", help="illc_*: least_likely or top5_lowest."),
-    candidates: int = typer.Option(10, help="DeepFool: classes considered (top-k)."),
-    overshoot: float = typer.Option(0.02, help="DeepFool overshoot."),
-    max_iter: int = typer.Option(50, help="DeepFool iteration limit; fgs_until's step limit."),
-    seed: int = typer.Option(0, help="Seeds PGD random starts (per image)."),
-    restarts: int = typer.Option(1, help="pgd, pgd_l2: random restarts; per image the first that fools the "
-                                 "victim (else the strongest) is kept."),
-    rounding_aware: bool = typer.Option(True, help="Minimal and iterative methods finish on the uint8 lattice, so "
-                                        "an image whose float result reached the goal reaches it as stored too."),
-    lattice_steps: int = typer.Option(0, help="Rounding-aware mode: lattice steps per image at most; 0 = --steps "
-                                      "(iterative methods) or --max-iter (DeepFool)."),
-    uap_norm: str = typer.Option("linf", help="uap: the ball the universal perturbation lives in, linf or l2 "
-                                 "(radius --eps)."),
-    uap_target: float = typer.Option(0.8, help="uap: stop fitting once this fooling rate is reached on the "
-                                     "fitting images."),
-    uap_passes: int = typer.Option(10, help="uap: at most this many passes over the fitting images."),
-    uap_images: int = typer.Option(2000, help="uap: training images the perturbation is fitted on (drawn with "
-                                   "--seed)."),
     batch_size: int = typer.Option(256, help="Images per forward/backward."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (torchrun: cuda:LOCAL_RANK mod GPUs)."),
     workers: int = typer.Option(1, help="Processes encoding PNGs and writing shards while compute goes on; 0 = inline."),
@@ -99,34 +88,24 @@ def generate(
     rounding_audit: bool = typer.Option(True, help="Classify the float image too, to count outcomes changed by rounding."),
     prune: bool = typer.Option(False, help="Delete variant folders under OUT that this run did not ask for."),
     metrics: Path | None = typer.Option(None, help="Write timing (seconds, images/s, device) to this JSON file."),
+    **attack_params: object,
 ) -> None:
     """Write a full copy of every requested split per (method, ε), with manifests and cards."""
     methods = _split_commas(method)
     eps_values = [parse_number(e, "--eps") for e in _split_commas(eps)]
     splits = list(dict.fromkeys(_split_commas(split)))
-    for m in methods:
-        get_method(m)
-    without_eps = [m for m in methods if not uses_eps(m)]
+    used = [attacks.get(m) for m in methods]
+    without_eps = [a.name for a in used if not a.takes_eps]
     if len(without_eps) < len(methods) and not eps_values:
-        raise BadParameter(f"--eps is required for every method but {', '.join(n for n in METHODS if not uses_eps(n))}")
+        raise BadParameter("--eps is required for every method but "
+                           + ", ".join(n for n, a in attacks.METHODS.items() if not a.takes_eps))
     if eps_values and without_eps:
         log(f"generate: warning: --eps does not apply to {', '.join(without_eps)} (no ε-ball)"
             + ("; it applies to the other methods" if len(without_eps) < len(methods) else ""))
-    if lattice_steps < 0:
-        raise BadParameter(f"--lattice-steps must be >= 0, got {lattice_steps}")
-    if uap_norm not in ("linf", "l2"):
-        raise BadParameter(f"--uap-norm must be linf or l2, got {uap_norm!r}")
-    if not 0 < uap_target <= 1 or uap_passes < 1 or uap_images < 1:
-        raise BadParameter("--uap-target must lie in (0, 1], --uap-passes and --uap-images must be >= 1")
-    params = AttackParams(steps=steps, step_size=step_size or None, label_source=label_source, target=target,
-                          candidates=candidates, overshoot=overshoot, max_iter=max_iter, seed=seed,
-                          restarts=restarts, rounding_aware=rounding_aware, lattice_steps=lattice_steps,
-                          uap_norm=uap_norm, uap_target=uap_target, uap_passes=uap_passes, uap_images=uap_images)
-    for m in methods:
-        for e in (eps_values if uses_eps(m) else [None]):
-            check_params(m, eps=e, steps=steps, step_size=params.step_size, label_source=label_source,
-                         target=target, candidates=candidates, overshoot=overshoot, max_iter=max_iter,
-                         restarts=restarts)
+    params = attacks.Params(**attack_params)
+    for a in used:
+        for e in (eps_values if a.takes_eps else [None]):
+            attacks.check(a, e, params)
     if batch_size < 1 or workers < 0:
         raise BadParameter("--batch-size must be >= 1 and --workers >= 0")
     check_victim_options(victim_ckpt=victim_ckpt, model=model_file, factory=factory, state_dict=state_dict,
@@ -168,7 +147,7 @@ def generate(
         return fingerprint(v, params, victim_sha256=victim_sha, clean_sha256=clean_sha, store_float=store_float,
                            rounding_audit=rounding_audit, batch_size=batch_size, device=dev.type)
 
-    deltas = _universal(model, clean, stats, [v for v in variants if METHODS[v.method].kind == "universal"],
+    deltas = _universal(model, clean, stats, [v for v in variants if attacks.get(v.method).fit is not None],
                         params, out, dev, fp_of, rank=rank, world=world)
     with bar("generate") as b:
         made = [0]  # copies written in this run (images x variants), for the images/s on the progress line
@@ -190,12 +169,13 @@ def generate(
     seconds = time.perf_counter() - started
     if rank == 0:
         for v in variants:
-            m = METHODS[v.method]
-            universal = m.kind == "universal"
+            m = attacks.get(v.method)
+            universal = m.fit is not None
             base = {
                 "format_version": FORMAT_VERSION, "dataset": stats["dataset"], "method": v.method, "eps": v.eps,
-                "norm": params.norm_of(v.method), "direction": m.direction, "label_source": label_source, "seed": seed,
-                "params": params.relevant(v.method), "store_float": store_float, "rounding_audit": rounding_audit,
+                "norm": m.norm_for(params), "direction": m.direction, "label_source": params.label_source,
+                "seed": params.seed, "params": m.relevant(params), "store_float": store_float,
+                "rounding_audit": rounding_audit,
                 "device": dev.type, "batch_size": batch_size, "versions": versions(), "clean_stats_sha256": clean_sha,
                 "shape": stats.get("shape"), "classes": stats.get("classes"),
                 "victim": {"arch": model.meta.arch, "dataset": model.meta.dataset, "sha256": victim_sha,
@@ -208,7 +188,7 @@ def generate(
             vstats = finalize(out / v.folder, shards={s: stats["shards"][s] for s in splits}, fingerprint=fp,
                               stats_base=base, extras=UAP_FILES if universal else (),
                               render_card=lambda st: variant_card(  # finalize calls it at once: v is this loop's
-                                  spec, st, num_bytes=split_bytes(out / v.folder, st["shards"])))
+                                  spec, st, num_bytes=split_bytes(out / v.folder, st["shards"]), minimal=m.minimal))
             summary = ", ".join(f"{s} acc {d['accuracy']:.4f} success {d['success_rate']:.4f}"
                                 for s, d in vstats["splits"].items())
             print(f"{out / v.folder}: {summary}")

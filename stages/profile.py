@@ -1,7 +1,8 @@
 """``advgen profile``: make a folder a profile of the template pipeline, or prove it is current.
 
 A profile is a folder with a ``params.yaml`` (the only file a person writes);
-this command writes its ``dvc.yaml`` from the template (the root ``dvc.yaml``)
+this command writes its ``dvc.yaml`` from the template (the root ``dvc.yaml``, whose
+code deps it first derives from the code: ``advgen.project.deps``)
 and its ``.dvc/`` folder, which makes it a DVC project of its own, isolated
 from the root study and from other profiles. ``--check`` writes nothing and
 exits 1 naming every file that is stale.
@@ -17,6 +18,7 @@ import typer
 import yaml
 
 from advgen.errors import BadParameter, CorruptFile
+from advgen.project.deps import rewrite
 from advgen.project.profiles import DVC_GITIGNORE, dvc_config, relative, render_dvc_yaml
 from advgen.storage.shards import write_text
 from advgen.stages.app import log, stage
@@ -37,8 +39,8 @@ def _remote_of(template_dir: Path) -> Path | None:
     return (template_dir / ".dvc" / url).resolve()
 
 
-def _want(profile: Path, template: Path) -> dict[Path, bytes]:
-    """Every file the profile should hold, with its content."""
+def _want(profile: Path, template: Path, template_text: str) -> dict[Path, bytes]:
+    """Every file the profile should hold, with its content (``template_text``: the template's, deps current)."""
     params_path = profile / "params.yaml"
     if not params_path.is_file():
         raise BadParameter(f"{profile} has no params.yaml; a profile is a folder with its own params.yaml")
@@ -49,7 +51,7 @@ def _want(profile: Path, template: Path) -> dict[Path, bytes]:
     if not isinstance(params, dict):
         raise CorruptFile(params_path, "expected a mapping of params")
     code = relative(template.parent, profile)
-    files = {profile / "dvc.yaml": render_dvc_yaml(template.read_text(encoding="utf-8"), params, code=code,
+    files = {profile / "dvc.yaml": render_dvc_yaml(template_text, params, code=code,
                                                     template_name=relative(template, profile)).encode()}
     remote = _remote_of(template.parent)
     if remote is not None:
@@ -68,16 +70,23 @@ def profile(
     template: Path = typer.Option(Path("dvc.yaml"), help="The template pipeline (the root dvc.yaml)."),
     check: bool = typer.Option(False, help="Write nothing; exit 1 if any generated file is stale."),
 ) -> None:
-    """Write each profile's dvc.yaml (from the template) and .dvc/ folder; or --check they are current."""
+    """Write the template's code deps (its stages' import closures), each profile's dvc.yaml (from the template)
+    and .dvc/ folder; or --check they are all current."""
     if not template.is_file():
         raise BadParameter(f"--template {template}: no such file")
     stale = []
+    text = template.read_text(encoding="utf-8")
+    derived = rewrite(text, template.parent.resolve())
+    if derived != text:
+        stale.append(template)
+        if not check:
+            write_text(template, derived)
     for folder in folders:
         if not folder.is_dir():
             raise BadParameter(f"{folder}: no such folder")
         if folder.resolve() == template.parent.resolve():
             raise BadParameter(f"{folder} holds the template itself; a profile lives in a subfolder")
-        for path, content in _want(folder, template).items():
+        for path, content in _want(folder, template, derived).items():
             current = path.read_bytes() if path.is_file() else None
             if current == content:
                 continue

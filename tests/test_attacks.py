@@ -136,9 +136,9 @@ def test_contract_range_ball_and_direction(name, victim, batch):
     method = METHODS[name]
     if method.norm == "linf":
         assert (out - x).abs().max() <= 0.05 + 1e-6
-    if method.norm == "l2" and method.kind != "minimal":
+    if method.norm == "l2" and not method.minimal:
         assert (out - x).flatten(1).norm(dim=1).max() <= 0.05 + 1e-6
-    if method.kind == "universal":
+    if method.batch_coupled:
         # Its objective is a label change on most images, not each image's loss (tests/test_uap.py checks
         # the fooling rate): here, one δ for every image wherever clipping to [0, 1] left it whole.
         delta = out - x
@@ -157,7 +157,7 @@ def test_contract_range_ball_and_direction(name, victim, batch):
 
 # A universal perturbation is fitted on the whole batch by definition, so it is the one method whose
 # result for an image depends on the others (tests/test_uap.py checks its determinism instead).
-@pytest.mark.parametrize("name", [m for m in METHODS if METHODS[m].kind != "universal"])
+@pytest.mark.parametrize("name", [m for m in METHODS if not METHODS[m].batch_coupled])
 def test_contract_batch_size_invariance_and_determinism(name, victim, batch):
     # In float64, so that what is compared is the algorithm (no coupling between the images of a batch,
     # e.g. through a mean-reduced loss), not float32 rounding that differs between conv kernels chosen

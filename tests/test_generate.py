@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from conftest import WRITERS, small_spec
 from advgen.data.clean import write_clean
 from advgen.data.datasets import load_source, locate
-from advgen.generation.driver import Batch, _finish
+from advgen import attacks
+from advgen.generation.driver import _finish
 from advgen.storage.shards import decode_png, file_digest, iter_tar
 from advgen.victims.train import Recipe, train_victim
 from advgen.storage.variants import Variant, summarize
@@ -266,9 +267,9 @@ def test_rounding_keeps_0_6_drops_0_4_and_counts_changed_outcomes():
     model = _Threshold(t=100.2 / 255).eval()
     y = torch.zeros(2, dtype=torch.int64)
     with torch.no_grad():
-        b = Batch(x=x0, y=y, label=y, clean_logits=model(x0), seeds=[0, 0])
+        b = attacks.Context(model, x0, y, y, model(x0), attacks.Params(), seeds=[0, 0], eps=1.0)
     x_adv = x0 + torch.tensor([0.6, 0.4]).view(2, 1, 1, 1) / 255
-    cols = _finish(model, b, x_adv, Variant("fgm", 1.0), audit=True)  # unbounded: plain nearest rounding
+    cols = _finish(model, b, x_adv, Variant("fgm", 1.0), audit=True, extra={})  # unbounded: plain nearest rounding
     assert cols["stored"][:, 0, 0, 0].tolist() == [101, 100]  # 0.6/255 survives as 1/255, 0.4/255 vanishes
     assert cols["float_pred"].tolist() == [1, 1]  # both float images cross the threshold
     assert cols["adv_pred"].tolist() == [1, 0]  # only the first survives rounding

@@ -391,7 +391,7 @@ def test_fresh_white_box_copies_stay_adversarial_as_stored_like_generated_ones(m
     with torch.no_grad():
         fooled_aware = model(aware.float() / 255).argmax(1) != y
         fooled_plain = model(plain.float() / 255).argmax(1) != y
-    assert torch.equal(plain, attacks.to_uint8(floats, xf, eps=eps, norm=attacks.get_method(method).norm))
+    assert torch.equal(plain, attacks.to_uint8(floats, xf, eps=eps, norm=attacks.get(method).norm))
     assert (fooled_plain < reached).any()  # plain rounding undoes some of the float attack here ...
     assert bool(fooled_aware[fooled_plain].all()) and fooled_aware.sum() > fooled_plain.sum()  # ... finishing wins
     if eps is None:  # DeepFool has no ball: every image the float attack fooled stays fooled as stored

@@ -28,7 +28,8 @@ from advgen.errors import BadParameter, unknown
 from advgen.victims.train import Perturb, Progress, Recipe, TrainStats, accuracy, fit, predict, train_victim
 from advgen.victims import Victim
 
-MODES = ("finetune", "scratch", "online_fgsm", "online_pgd")
+ONLINE = {f"online_{a.name}": a for a in attacks.METHODS.values() if a.online is not None}
+MODES = ("finetune", "scratch", *ONLINE)
 
 
 def check_mode(mode: str) -> None:
@@ -52,30 +53,15 @@ def mix(clean_x: Tensor, clean_y: Tensor, adv_x: Tensor, adv_y: Tensor, *, clean
 
 
 def online_attack(kind: str, *, eps: float, steps: int, step_size: float | None) -> Perturb:
-    """The per-batch attack of online adversarial training (see the module docstring)."""
+    """The per-batch attack of online adversarial training: ``online_<attack>`` is the attack's declared
+    online form (see the module docstring)."""
+    if kind not in ONLINE:
+        raise unknown("online attack", kind, ONLINE)
     if not 0 < eps <= 1:
         raise BadParameter(f"online adversarial training needs 0 < eps <= 1, got {eps}")
-    if kind == "online_fgsm":
-        alpha = step_size if step_size else 1.25 * eps
-
-        def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-            start = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
-            x0 = (x + start).clamp(0, 1)
-            grad, _ = attacks.loss_gradient(model, x0, y)
-            return (x + (x0 + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1).detach()
-
-        return fgsm_rs
-    if kind == "online_pgd":
-        if steps < 1:
-            raise BadParameter(f"--steps must be >= 1, got {steps}")
-        size = step_size if step_size else attacks.default_step_size(eps, steps)
-
-        def pgd(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-            start = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
-            return attacks.pgd(model, x, y, eps=eps, steps=steps, step_size=size, start=start).detach()
-
-        return pgd
-    raise unknown("online attack", kind, ("online_fgsm", "online_pgd"))
+    if steps < 1:
+        raise BadParameter(f"--steps must be >= 1, got {steps}")
+    return ONLINE[kind].online(eps, steps, step_size)  # type: ignore[misc]
 
 
 def retrain(mode: str, victim: Victim, *, x: Tensor, y: Tensor, recipe: Recipe, seed: int, device: torch.device,
@@ -103,30 +89,10 @@ def retrain(mode: str, victim: Victim, *, x: Tensor, y: Tensor, recipe: Recipe, 
 
 
 def stored_copy(name: str, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, *, eps: float | None = None,
-                steps: int = 10, step_size: float | None = None, label_source: str = "true",
-                target: str = "least_likely", candidates: int = 10, overshoot: float = 0.02, max_iter: int = 50,
-                rounding_aware: bool = True) -> Tensor:
-    """What a stored copy of ``attacks.run(name, ...)``'s float result ``x_adv`` holds, as uint8 (N, C, H, W).
-
-    Rounding-aware (the default, as in ``advgen generate``): minimal and iterative methods whose float result
-    reached the goal but whose rounded one does not are finished on the uint8 lattice (``attacks.finish_stored``,
-    at most ``max_iter`` steps for DeepFool, ``steps`` for iterative methods); every other image, and every
-    image of the other methods, is ``attacks.to_uint8(x_adv)``: nearest, inside the ε-ball.
-    """
-    method = attacks.get_method(name)
-    if not rounding_aware or method.kind not in attacks.ROUNDING_AWARE_KINDS:
-        return attacks.to_uint8(x_adv, x, eps=eps, norm=method.norm)
-    with torch.no_grad():
-        logits = model(x)
-    label = logits.argmax(1) if label_source == "predicted" else y
-    if method.kind == "targeted_iterative":
-        label = attacks.least_likely(logits, target)  # type: ignore[arg-type]
-    if step_size is None:  # as attacks.run defaults it (DeepFool takes none)
-        step_size = attacks.default_step_size(eps, steps) if eps is not None else 0.0
-    done, _ = attacks.finish_stored(name, model, x, x_adv, label, y, eps=eps, step_size=step_size,
-                                    max_steps=max_iter if method.kind == "minimal" else steps,
-                                    candidates=candidates, overshoot=overshoot)
-    return attacks.to_uint8(done, x, eps=eps, norm=method.norm)
+                **params) -> Tensor:
+    """What a stored copy of ``attacks.run(name, ...)``'s float result ``x_adv`` holds, as uint8 (N, C, H, W):
+    ``attacks.stored``, rounding-aware by default as in ``advgen generate``."""
+    return attacks.stored(name, model, x, x_adv, y, eps=eps, **params)
 
 
 def white_box(model: nn.Module, x: Tensor, y: Tensor, *, method: str, eps: float | None, steps: int,
@@ -177,7 +143,7 @@ def assess(model: nn.Module, *, clean_x: Tensor, clean_y: Tensor, adv_x: Tensor,
         "stored_adversarial_loss": _loss(model, adv_x, adv_y, device=device),
         "white_box_loss": _loss(model, own, clean_y, device=device),
     }
-    if method == "deepfool":
+    if attacks.get(method).minimal:
         pred = predict(model, clean_x, device=device)
         attacked = pred == clean_y.cpu() if label_source == "true" else torch.ones_like(pred, dtype=torch.bool)
         x0 = clean_x.double().div(255).flatten(1)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from advgen.attacks import declares
 from advgen.evaluation import metrics
 from advgen.errors import BadParameter, CorruptFile
 from advgen.storage.shards import STATS, file_digest, read_split, read_stats, verify_shards
@@ -192,7 +193,7 @@ def evaluate_split(folder: Path, stats: dict, split: str, clean: CleanSplit, *,
         "unchanged": int((~finite).sum()),  # images rounding left identical to the clean one
         "mean_ssim": float(ssim.mean()), "min_ssim": float(ssim.min()),
     }
-    if stats["method"] == "deepfool":  # ρ̂ from the stored δ, over the images it attacked (the paper's ρ̂)
+    if declares(stats["method"], "minimal"):  # ρ̂ from the stored δ, over the images it attacked (the paper's ρ̂)
         attacked = clean_ok if stats.get("label_source", "true") == "true" else np.ones(n, bool)
         out["deepfool"] = {
             "rho": metrics.robustness_rho(col["l2"][attacked].astype(np.float64), x_l2[attacked]),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from advgen.attacks import METHODS, uses_eps
+from advgen.attacks import METHODS
 from advgen.data.datasets import DATASETS, DatasetSpec
 from advgen.errors import BadParameter
 
@@ -83,7 +83,7 @@ def _variants(grid: dict) -> int:
     for m in methods:
         if m not in METHODS:
             raise BadParameter(f"params name method {m!r}, which is not registered")
-        n += len(eps) if uses_eps(m) else 1
+        n += len(eps) if METHODS[m].takes_eps else 1
     return n
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from advgen.attacks import declares
 from advgen.evaluation.whitebox import variant_name
 from advgen.storage.outputs import staging_path
 
-SIGN_METHODS = ("fgsm", "bim", "pgd", "illc_fast", "illc_iter")  # L∞ sign steps
-UNSIGNED_METHODS = ("fgm", "fgm_l2", "pgd_l2")  # raw or L2-normalized gradients
 
 
 def _plt():
@@ -243,7 +242,7 @@ def curves(evaluation: dict, split: str = "test") -> dict[str, dict[str, list[tu
             sides = [(r["method"], s["error"])] + ([(f"{r['method']} (float)", 1 - s["float_accuracy"])]
                                                     if s.get("float_accuracy") is not None else [])
         else:
-            group = "sign" if r["method"] in SIGN_METHODS else "unsigned"
+            group = "sign" if declares(r["method"], "sign_steps") else "unsigned"  # the registry's grouping
             clean = s["clean_accuracy"]
             sides = [(r["method"], s["accuracy"])] + ([(f"{r['method']} (float)", s["float_accuracy"])]
                                                        if s.get("float_accuracy") is not None else [])

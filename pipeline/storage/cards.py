@@ -146,10 +146,11 @@ def clean_card(spec: DatasetSpec, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def variant_card(spec: DatasetSpec, stats: dict, *, num_bytes: dict[str, int]) -> str:
+def variant_card(spec: DatasetSpec, stats: dict, *, num_bytes: dict[str, int], minimal: bool = False) -> str:
     """Markdown card for one generated variant (method, ε) described by ``stats``.
 
-    ``num_bytes``: {split: bytes of its tar shards} (``split_bytes``), for the card's ``dataset_info``.
+    ``num_bytes``: {split: bytes of its tar shards} (``split_bytes``), for the card's ``dataset_info``;
+    ``minimal``: the attack is a minimal-perturbation one (its manifest has DeepFool's columns).
     """
     counts = stats["counts"]
     eps = stats["eps"]
@@ -262,7 +263,7 @@ def variant_card(spec: DatasetSpec, stats: dict, *, num_bytes: dict[str, int]) -
                                              if stats["store_float"] else "")
         + ". The `.parquet` manifest beside each shard has per-sample key, index, label, clean and adversarial "
         "prediction and confidence (and top-5 classes with more than 5 classes), success, ‖δ‖∞, ‖δ‖₂"
-        + (", DeepFool's ‖r‖₂, iterations and convergence" if stats["method"] == "deepfool" else "") + ".",
+        + (", DeepFool's ‖r‖₂, iterations and convergence" if minimal else "") + ".",
     ]
     first = "test" if "test" in stats["shards"] else next(iter(stats["shards"]))
     lines += [
@@ -286,3 +287,4 @@ def variant_card(spec: DatasetSpec, stats: dict, *, num_bytes: dict[str, int]) -
     lines += _loading_and_files(spec, stats, first)
     lines.append("")
     return "\n".join(lines)
+
