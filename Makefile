@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+# torchattacks, the reference the attack tests compare against: --no-deps, as it pins requests~=2.25
+# (which DVC's own dependencies outgrew); it needs nothing else that is not installed already.
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	@touch $(STAMP)
 
 install: $(STAMP)

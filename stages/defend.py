@@ -1,4 +1,4 @@
-"""``advgen defend``: Gaussian-filter and resampling defenses, with adaptive checks."""
+"""``advgen defend``: every registered input defense (``advgen.defenses``), swept, with adaptive checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from advgen import attacks
+from advgen import attacks, defenses
 from advgen.data.clean import load_clean_split, open_clean
 from advgen.evaluation.defend import Memo, Setting, adaptive_attack, scaled_perturbations, sweep
 from advgen.errors import BadParameter
@@ -16,25 +16,32 @@ from advgen.storage.shards import read_split, write_csv, write_json
 from advgen.victims.train import resolve_device
 from advgen.victims import load
 from advgen.storage.outputs import check_file_target, check_writable
-from advgen.stages.app import log, stage
+from advgen.stages.app import log, stage, with_options
+
+PLOT_FIELDS = ["series", "model", "data", "value", "accuracy", "fooling_rate"]
+
+
+def _sweep_options() -> list[tuple[str, object, type, str]]:
+    """One repeatable flag per registered defense: its sweep, with the declared defaults and help."""
+    return [(d.flag, list(d.sweep), list[float], d.help) for d in defenses.REGISTRY.values()]
 
 
 @stage
+@with_options(_sweep_options(), before="scale")
 def defend(
     victim_ckpt: Path = typer.Option(..., help="The original victim."),
     retrained: Path | None = typer.Option(None, help="Folder of retrained checkpoints (*.pt) to compare."),
     clean: Path = typer.Option(..., help="Clean folder of the victim's dataset."),
     adv: list[Path] = typer.Option(..., help="Variant folders (test split) to defend against; repeatable."),
     metrics: Path = typer.Option(..., help="Metrics JSON to write."),
-    plots: Path = typer.Option(..., help="Folder for the plot tables (gaussian.csv, resample.csv, adaptive.csv)."),
-    sigma: list[float] = typer.Option([0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2], help="Gaussian σ values (pixels)."),
-    resample_factor: list[float] = typer.Option([0.5, 0.75], help="Resampling sizes as fractions of the image side."),
+    plots: Path = typer.Option(..., help="Folder for the plot tables (<defense>.csv for each defense, scaled.csv)."),
     scale: list[float] = typer.Option([1, 2, 3, 4, 5], help="Factors f applied to the stored perturbations."),
     adaptive_method: str = typer.Option("fgsm", help="Attack run against defense + victim."),
     adaptive_eps: float = typer.Option(0.1, help="ε of the adaptive attack."),
     steps: int = typer.Option(10, help="Steps of the adaptive attack, for iterative methods."),
     seed: int = typer.Option(0, help="Seeds random starts of the adaptive attack."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    **sweeps: list[float],
 ) -> None:
     """Accuracy of original and retrained victims behind each defense, on clean, stored and adaptive attacks."""
     started = time.perf_counter()
@@ -44,11 +51,12 @@ def defend(
     clean_stats = open_clean(clean)
     model = load(victim_ckpt, dataset=clean_stats["dataset"])
     side = model.meta.input_shape[1]  # images are square in every registered dataset
-    for f in resample_factor:
-        if not 0 < f <= 1:
-            raise BadParameter(f"--resample-factor must lie in (0, 1], got {f}")
-    settings = [Setting("gaussian", float(s)) for s in sigma]
-    settings += [Setting("resample", float(max(1, round(f * side)))) for f in resample_factor]
+    settings = []
+    for d in defenses.REGISTRY.values():
+        for v in sweeps[d.flag]:
+            if d.check is not None:
+                d.check(v)
+            settings.append(Setting(d.name, d.setting(float(v), side)))
     for s in settings:
         s.build()  # bad σ or size: an error before any compute
     eps_or_none = adaptive_eps if attacks.get(adaptive_method).takes_eps else None
@@ -74,7 +82,7 @@ def defend(
     memo = Memo(dev)  # clean and ×1 predictions are shared by the three questions
     rows = sweep(models, settings, data, device=dev, memo=memo)
     log("defend: adaptive attack on defense + victim")
-    rows += adaptive_attack(models, [s for s in settings if not (s.defense == "gaussian" and s.value == 0)], xt, yt,
+    rows += adaptive_attack(models, [s for s in settings if not defenses.get(s.defense).identity(s.value)], xt, yt,
                             method=adaptive_method, eps=eps_or_none, steps=steps, device=dev, seed=seed, memo=memo)
     log(f"defend: stored perturbations of {names[0]} scaled by {', '.join(f'{f:g}' for f in scale)}")
     rows += scaled_perturbations(models, settings, xt, data[names[0]][0], yt, name=names[0], factors=scale, device=dev,
@@ -82,14 +90,16 @@ def defend(
 
     for r in rows:
         r["series"] = f"{r['model']}: {r['data']}"
-    gauss = [r for r in rows if r["defense"] == "gaussian" and "scale" not in r]
-    resample = [r for r in rows if r["defense"] == "resample" and "scale" not in r]
-    write_csv(plots / "gaussian.csv", gauss, ["series", "model", "data", "value", "accuracy", "fooling_rate"])
-    write_csv(plots / "resample.csv", resample, ["series", "model", "data", "value", "accuracy", "fooling_rate"])
+    for d in defenses.REGISTRY.values():
+        write_csv(plots / f"{d.name}.csv", [r for r in rows if r["defense"] == d.name and "scale" not in r],
+                  PLOT_FIELDS)
     write_csv(plots / "scaled.csv", [r for r in rows if "scale" in r],
               ["model", "defense", "value", "scale", "accuracy"])
     write_json(metrics, {"dataset": clean_stats["dataset"], "seconds": round(time.perf_counter() - started, 3), "victim": model.meta.arch, "device": dev.type,
                          "adaptive": {"method": adaptive_method, "eps": adaptive_eps}, "scaled": names[0],
                          "rows": rows})
-    best = max((r for r in gauss if r["model"] == "original" and r["data"] == names[0]), key=lambda r: r["accuracy"])
-    print(f"original on {names[0]}: best σ {best['value']:g} → accuracy {best['accuracy']:.4f}")
+    for d in defenses.REGISTRY.values():
+        best = max((r for r in rows if r["defense"] == d.name and "scale" not in r and r["model"] == "original"
+                    and r["data"] == names[0]), key=lambda r: r["accuracy"], default=None)
+        if best is not None:
+            print(f"original on {names[0]}: best {d.name} {d.label(best['value'])} → accuracy {best['accuracy']:.4f}")

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 import yaml
 
+from advgen import defenses
 from advgen import report as R
 from advgen.report.directions import section
 from advgen.data.datasets import DATASETS, DatasetSpec, spec_for
@@ -268,18 +269,17 @@ def report(
                 df = _load(dpath)
                 results["defend"][(ds, v)] = df
                 timing.append([ds, f"defend {v}", df["device"], df.get("seconds"), None])
-                g = R.draw(R.figure_defense, df, "gaussian", figs / f"{ds}-{v}-gaussian.png",
-                                     f"{v}: Gaussian filter before the victim")
-                s = R.draw(R.figure_defense, df, "resample", figs / f"{ds}-{v}-resample.png",
-                                     f"{v}: bicubic down- and up-sampling before the victim")
+                swept = [d for d in defenses.REGISTRY.values() if any(r["defense"] == d.name for r in df["rows"])]
+                drawn = [(d.name, R.draw(R.figure_defense, df, d.name, figs / f"{ds}-{v}-{d.name}.png",
+                                         f"{v}: {d.title}")) for d in swept]
                 f = R.draw(R.figure_scaled, df, figs / f"{ds}-{v}-scaled.png",
                                     f"{v}: stored δ of {df['scaled']} scaled by f, then the defense")
                 md += [f"### Input defenses: {v}", "",
                        "Solid comparisons: clean vs stored adversarial test images, for the original and retrained "
                        f"models; the last panel attacks defense + victim directly ({df['adaptive']['method']} "
                        f"ε={df['adaptive']['eps']}).", "",
-                       f"![gaussian]({R.rel(g, out)})", "", f"![resample]({R.rel(s, out)})", "",
-                       f"![scaled perturbations]({R.rel(f, out)})", ""]
+                       *[line for name, g in drawn for line in (f"![{name}]({R.rel(g, out)})", "")],
+                       f"![scaled perturbations]({R.rel(f, out)})", "", *R.defense_table(df)]
             for v, dpath in found.get("directions", {}).items():
                 dm = _load(dpath)
                 timing.append([ds, f"directions {v}", dm.get("device"), dm.get("seconds"), None])

@@ -12,7 +12,8 @@ from advgen.defenses import DEFENSES, Defended, GaussianBlur, Resample, build_de
 from advgen.errors import BadParameter, UnknownName
 
 # One valid parameter per registered defense; the check below keeps this in step with the registry.
-VALUES = {"gaussian": 1.0, "resample": 14.0}
+# A setting of each registered defense that changes a 28x28 image: the last of its default sweep.
+VALUES = {d.name: d.setting(d.sweep[-1], 28) for d in DEFENSES.values()}
 
 
 def _scipy_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -103,8 +104,8 @@ def test_every_defense_keeps_contract_and_passes_gradients(name: str) -> None:
 
 
 def test_build_defense_errors() -> None:
-    with pytest.raises(UnknownName, match="unknown defense 'jpeg'; known: gaussian, resample"):
-        build_defense("jpeg", 75)
+    with pytest.raises(UnknownName, match="unknown defense 'median'; known: gaussian"):
+        build_defense("median", 3)
     with pytest.raises(BadParameter, match="whole number"):
         build_defense("resample", 14.5)
     with pytest.raises(BadParameter, match="integer >= 1"):

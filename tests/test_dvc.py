@@ -161,7 +161,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mnist_mirror, cli_env):
     assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert (profile / "data/mnist/victims/mlp.pt").is_file()
     lock = (profile / "dvc.lock").read_text()
-    assert "prepare@mnist" in lock and "train@mnist-mlp" in lock and "../pipeline/train.py" in lock
+    assert "prepare@mnist" in lock and "train@mnist-mlp" in lock and "../pipeline/victims/train.py" in lock
     assert "train.mnist-mlp:" in lock and "prepare.limit: 200" in lock  # params tracked, for `dvc params diff`
 
     assert "up to date" in _run(["dvc", "status"], profile, env)  # the profile sees only its own stages

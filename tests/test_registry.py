@@ -85,3 +85,30 @@ def test_every_online_attack_trains_through_retrain(tiny, tmp_path, mode):
     assert (tmp_path / "re" / f"{mode}.pt").is_file()
     metrics = json.loads((tmp_path / "re.json").read_text())
     assert mode in json.dumps(metrics)
+
+
+def test_every_registered_defense_runs_through_defend_and_reaches_its_plot_and_the_report_table(tiny, tmp_path):
+    from advgen import defenses
+    from advgen.report import defense_table
+
+    made = runner.invoke(app, ["generate", "--victim-ckpt", str(tiny / "victim.pt"), "--clean", str(tiny / "clean"),
+                               "--out", str(tmp_path / "adv"), "--method", "fgsm", "--eps", "0.3", "--split", "test",
+                               "--device", "cpu", "--workers", "0"])
+    assert made.exit_code == 0, made.output
+    done = runner.invoke(app, ["defend", "--victim-ckpt", str(tiny / "victim.pt"), "--clean", str(tiny / "clean"),
+                               "--adv", str(tmp_path / "adv" / "fgsm" / "eps=0.3"), "--metrics", str(tmp_path / "d.json"),
+                               "--plots", str(tmp_path / "plots"), "--scale", "1", "--adaptive-method", "fgsm",
+                               "--adaptive-eps", "0.3", "--device", "cpu"])  # every defense at its default sweep
+    assert done.exit_code == 0, done.output
+    result = json.loads((tmp_path / "d.json").read_text())
+    lines = defense_table(result)[0].splitlines()
+    for d in defenses.REGISTRY.values():
+        rows = [r for r in result["rows"] if r["defense"] == d.name and "scale" not in r]
+        settings = {r["value"] for r in rows}
+        assert settings == {d.setting(float(v), 28) for v in d.sweep}, d.name
+        adaptive = {r["value"] for r in rows if r["data"].startswith("adaptive")}
+        assert adaptive == {v for v in settings if not d.identity(v)}, d.name
+        assert all(0 <= r["accuracy"] <= 1 for r in rows)
+        plot = (tmp_path / "plots" / f"{d.name}.csv").read_text().splitlines()
+        assert plot[0] == "series,model,data,value,accuracy,fooling_rate" and len(plot) == 1 + len(rows)
+        assert sum(line.startswith(f"| {d.name} |") for line in lines) == 1, d.name

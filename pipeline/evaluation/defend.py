@@ -1,7 +1,7 @@
 """Input-defense sweeps: accuracy of defended models on clean and adversarial test images.
 
 Three questions, each a list of flat rows (one accuracy per row):
-- ``sweep``: a defense setting (Gaussian σ, resampling size) in front of each
+- ``sweep``: a defense setting (Gaussian σ, resampling size, ...) in front of each
   model, on clean and stored adversarial images — what blur buys on
   adversarial data and what it costs on clean data;
 - ``adaptive_attack``: an attacker who knows the defense attacks the composed
@@ -27,15 +27,11 @@ from advgen.evaluation.retrain import white_box
 
 @dataclass(frozen=True)
 class Setting:
-    defense: str  # "gaussian" | "resample"
-    value: float  # σ in pixels | size in pixels
+    defense: str  # a name in advgen.defenses.REGISTRY
+    value: float  # the defense's setting (σ in pixels, a size in pixels, a JPEG quality)
 
     def build(self) -> nn.Module:
         return build_defense(self.defense, self.value)
-
-    @property
-    def label(self) -> str:
-        return f"gaussian σ={self.value:g}" if self.defense == "gaussian" else f"resample {int(self.value)}px"
 
 
 @torch.no_grad()

@@ -34,6 +34,20 @@ ROOTS = (("advgen.stages", "stages"), ("advgen", "pipeline"))
 CODE = "${code}"
 _DEP_LINE = re.compile(r"^(\s+)- \$\{code\}/(?:pipeline|stages)/\S+\.py\b.*$")
 _STAGE_LINE = re.compile(r"^  ([A-Za-z0-9_-]+):\s*(#.*)?$")
+DEFENSE_PLOTS = "# generated: one per registered defense (advgen.defenses)"
+_PLOTS_LINE = re.compile(r"^(\s+)plots:\s*" + re.escape(DEFENSE_PLOTS) + r"\s*$")
+
+
+def defense_plots(indent: str) -> list[str]:
+    """The ``plots:`` entries of ``defend``: one series plot per registered defense, ``plots/<name>.csv``."""
+    from advgen import defenses
+
+    out = []
+    for d in defenses.REGISTRY.values():
+        out += [f"{indent}- metrics/${{item.dataset}}/${{item.victim}}/plots/{d.name}.csv:\n",
+                f"{indent}    cache: false\n", f"{indent}    template: series\n", f"{indent}    x: value\n",
+                f"{indent}    y: accuracy\n", f"{indent}    title: accuracy vs {d.axis}, {d.name} (model, data)\n"]
+    return out
 
 
 def module_path(name: str, root: Path) -> Path | None:
@@ -136,7 +150,8 @@ def code_deps(template: dict, root: Path) -> dict[str, list[str]]:
 
 
 def rewrite(template_text: str, root: Path) -> str:
-    """The template with each stage's code-dep lines replaced by its computed code deps.
+    """The template with each stage's code-dep lines replaced by its computed code deps, and the entries of a
+    ``plots:`` key marked ``DEFENSE_PLOTS`` by one per registered defense.
 
     Everything else (comments, order, other deps) is kept as written. A stage
     must hold at least one ``- ${code}/...py`` line in its ``deps:``: that is
@@ -144,7 +159,18 @@ def rewrite(template_text: str, root: Path) -> str:
     """
     deps = code_deps(yaml.safe_load(template_text) or {}, root)
     lines, out, stage, placed = template_text.splitlines(keepends=True), [], None, set()
+    skip_deeper = None  # while replacing a generated block: the indent its own lines are deeper than
     for line in lines:
+        if skip_deeper is not None:
+            if line.strip() and len(line) - len(line.lstrip()) > skip_deeper:
+                continue
+            skip_deeper = None
+        plots = _PLOTS_LINE.match(line)
+        if plots:
+            out.append(line)
+            out.extend(defense_plots(plots[1] + "  "))
+            skip_deeper = len(plots[1])
+            continue
         m = _STAGE_LINE.match(line)
         if m:
             stage = m[1]

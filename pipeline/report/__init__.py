@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from advgen import defenses
 from advgen.attacks import declares
 from advgen.evaluation.whitebox import variant_name
 from advgen.storage.outputs import staging_path
@@ -385,13 +386,38 @@ def figure_defense(defend: dict, defense: str, path: Path, title: str) -> Path:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", ms=3, label=m, lw=2 if m == "original" else 1)
         ax.set_title(adaptive[0]["data"] + " (knows the defense)" if data == "adaptive" else data, fontsize=9)
-        ax.set_xlabel("σ (pixels)" if defense == "gaussian" else "size (pixels)")
+        ax.set_xlabel(defenses.get(defense).axis)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+_LINES = ("-", "--", ":", "-.")  # one per defense, in registry order
+
+
+def defense_table(defend: dict) -> list[str]:
+    """Per registered defense: the original victim's best setting on the scaled (first) stored set, and its clean,
+    stored and adaptive accuracy there, with how the adaptive attack differentiated the defense."""
+    rows = [r for r in defend["rows"] if r["model"] == "original" and "scale" not in r]
+    stored = defend["scaled"]
+    out = []
+    for d in defenses.REGISTRY.values():
+        mine = [r for r in rows if r["defense"] == d.name]
+        on_stored = [r for r in mine if r["data"] == stored]
+        if not on_stored:
+            continue
+        best = max(on_stored, key=lambda r: r["accuracy"])
+        at = {r["data"]: r["accuracy"] for r in mine if r["value"] == best["value"]}
+        adaptive = next((a for k, a in at.items() if k.startswith("adaptive")), None)
+        out.append([d.name, d.label(best["value"]), fmt(at.get("clean")), fmt(best["accuracy"]),
+                    fmt(adaptive) if adaptive is not None else "– (identity)", d.gradient])
+    if not out:
+        return []
+    return [table(["defense", "best setting", "clean acc.", f"acc. on {stored}", "adaptive acc.",
+                   "adaptive gradient"], out), ""]
 
 
 def figure_scaled(defend: dict, path: Path, title: str) -> Path:
@@ -401,8 +427,7 @@ def figure_scaled(defend: dict, path: Path, title: str) -> Path:
     for (d, v) in dict.fromkeys((r["defense"], r["value"]) for r in rows):
         pts = sorted((r["scale"], r["accuracy"]) for r in rows if r["defense"] == d and r["value"] == v)
         xs, ys = zip(*pts)
-        label = f"σ={v:g}" if d == "gaussian" else f"resample {int(v)}px"
-        ax.plot(xs, ys, marker="o", ms=3, label=label, ls="-" if d == "gaussian" else "--")
+        ax.plot(xs, ys, marker="o", ms=3, label=defenses.get(d).label(v), ls=_LINES[list(defenses.REGISTRY).index(d) % 4])
     ax.set_xlabel("factor f on the stored perturbation")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
