@@ -45,18 +45,16 @@ def defend(
 ) -> None:
     """Accuracy of original and retrained victims behind each defense, on clean, stored and adaptive attacks."""
     started = time.perf_counter()
+    for d in defenses.REGISTRY.values():  # flag values out of range: an error before anything is read
+        for v in sweeps[d.flag] if d.check is not None else ():
+            d.check(v)
     dev = resolve_device(device)
     check_file_target(metrics, "--metrics")
     check_writable(plots)
     clean_stats = open_clean(clean)
     model = load(victim_ckpt, dataset=clean_stats["dataset"])
     side = model.meta.input_shape[1]  # images are square in every registered dataset
-    settings = []
-    for d in defenses.REGISTRY.values():
-        for v in sweeps[d.flag]:
-            if d.check is not None:
-                d.check(v)
-            settings.append(Setting(d.name, d.setting(float(v), side)))
+    settings = [Setting(d.name, d.setting(float(v), side)) for d in defenses.REGISTRY.values() for v in sweeps[d.flag]]
     for s in settings:
         s.build()  # bad σ or size: an error before any compute
     eps_or_none = adaptive_eps if attacks.get(adaptive_method).takes_eps else None
