@@ -12,7 +12,7 @@ from advgen.defenses.base import REGISTRY, Defended, Defense, build_defense, get
 from advgen.defenses.gaussian import GaussianBlur, gaussian_kernel1d
 from advgen.defenses.resample import Resample
 
-from advgen.defenses import gaussian, resample  # noqa: F401, E402, I001 - the registration line: one per defense
+from advgen.defenses import gaussian, resample, jpeg  # noqa: F401, E402, I001 - the registration line: one per defense
 
 DEFENSES = REGISTRY
 
