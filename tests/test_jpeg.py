@@ -75,3 +75,14 @@ def test_defend_refuses_a_bad_quality_before_any_compute(tmp_path):
     assert result.exit_code == 2 and "--jpeg-quality must be a whole number in [1, 100], got 0" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "m.json").exists()
+
+
+def test_the_cache_returns_what_pillow_returns_and_stays_within_its_bound(monkeypatch):
+    from advgen.defenses import jpeg
+
+    monkeypatch.setattr(jpeg, "_CACHE", type(jpeg._CACHE)())
+    monkeypatch.setattr(jpeg, "CACHE_BYTES", 3 * 4 * 28 * 28)  # three batches of four images
+    batches = [(_images(4, 1, seed=s) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() for s in range(5)]
+    for b in batches + batches[:2]:
+        assert np.array_equal(jpeg.cached_round_trip(b, 40), jpeg.jpeg_round_trip(b, 40))
+    assert len(jpeg._CACHE) == 3 and sum(v.nbytes for v in jpeg._CACHE.values()) <= jpeg.CACHE_BYTES
