@@ -90,7 +90,12 @@ def _preload() -> None:
     import torchvision.transforms.functional  # noqa: F401
     import webdataset  # noqa: F401
 
-    import advgen.stages.cli  # noqa: F401 - every stage and, through them, the library
+    from advgen.stages.app import app
+
+    # `advgen serve` runs under the CLI, which has registered every stage (and, through them, the library)
+    # on `app` before this runs: the children run `app` itself, so this module never imports the CLI back.
+    if not app.registered_commands:
+        raise RuntimeError("advgen serve runs from the advgen CLI (advgen.stages.cli), which registers the stages")
 
     for name in ("data.datasets", "analysis.directions", "report.directions", "storage.publish", "report", "evaluation.retrain", "data.byo"):
         __import__(f"advgen.{name}")
@@ -118,10 +123,10 @@ def _run_child(fds: list[int], request: dict, threads: int, inherited: list) -> 
         torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else threads)
         torch.manual_seed(torch.initial_seed())  # the generator as a fresh process has it
         sys.argv = ["advgen", *request["argv"]]
-        from advgen.stages.cli import main
+        from advgen.stages.app import app
 
         try:
-            main()
+            app()
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

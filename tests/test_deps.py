@@ -201,3 +201,45 @@ def test_committed_dvc_lock_was_made_by_this_code(lock):
                 stale.append(f"{entry}: {path.relative_to(ROOT)} changed since the stage ran")
     assert not stale, f"{lock.relative_to(ROOT)} is stale ({len(stale)}); rerun `dvc repro` there:\n" + \
         "\n".join(stale[:20])
+
+
+def _graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (module or function level), for every module of the project."""
+    from advgen.project.deps import ROOTS, imported_names, module_path
+
+    files = {}
+    for prefix, folder in ROOTS:
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([prefix, *parts])
+            files.setdefault(name, path)
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for imported in imported_names(path, name):
+            found = module_path(imported, root)
+            if found is not None and found != path:
+                targets.add(next(n for n, p in files.items() if p == found))
+        graph[name] = targets
+    return graph
+
+
+def test_the_stage_shells_import_each_other_without_a_cycle():
+    graph = {k: {t for t in v if t.startswith("advgen.stages.")} for k, v in _graph(ROOT).items()
+             if k.startswith("advgen.stages.")}
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        path.append(node)
+        for t in sorted(graph.get(node, ())):
+            visit(t)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
