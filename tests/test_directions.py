@@ -531,7 +531,7 @@ def _slow_figure(path: Path, title: str) -> Path:
     """A figure that takes a while to draw (module level: figure workers get the function by name)."""
     import time
 
-    from advgen.report import _plt, _save
+    from advgen.report.render import _plt, _save
 
     time.sleep(0.3)
     fig, ax = _plt().subplots(figsize=(2, 2))

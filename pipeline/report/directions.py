@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from advgen.analysis.directions import CURVATURE_FAMILIES, SVD_FAMILIES
-from advgen.report import _plt, _save, draw, fmt, rel, table
+from advgen.report.render import _plt, _save, draw, fmt, rel, table
 
 COLORS = {"pos": "tab:red", "neg": "tab:blue", "negpos": "tab:purple", "flat": "tab:gray",
           "hi": "tab:green", "lo": "tab:orange"}
