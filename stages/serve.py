@@ -33,3 +33,5 @@ def serve(socket: Path = typer.Option(..., help=f"Unix socket to listen on; poin
         listen(socket, log=log, usage=usage)
     except FileExistsError as e:
         raise BadParameter(str(e)) from None
+    except PermissionError as e:
+        raise BadParameter(f"--socket {socket}: {e}") from None

@@ -13,7 +13,8 @@ random draw, no CUDA, no parallel torch work before forking); the child takes th
 directory, environment and arguments, resets torch's thread count from its environment and reseeds torch's
 default generator with its start-up seed (a client with no OMP_NUM_THREADS gets the thread count the server
 started with: start it in the environment its commands run in). Only the script's user may connect (the socket is 0600 and the
-server checks the peer's uid). If the client goes away (Ctrl-C, a killed ``dvc repro``), its child gets
+server checks the peer's uid), and the script talks only to a server of its own user: the socket must be its own,
+in a folder of its own that nobody else can write to, and the peer's uid must be its own (``untrusted``). If the client goes away (Ctrl-C, a killed ``dvc repro``), its child gets
 SIGINT, so atomic writers clean up as they would. No server at PATH: the script says so and runs the
 command itself.
 
@@ -52,14 +53,54 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 
 # --- the client (the ``advgen`` script when ADVGEN_SERVER is set) --------------------------------------
 
+def untrusted(path: str) -> str | None:
+    """Why the socket at ``path`` may belong to someone else, or None: it must be a socket owned by this user, in
+    a folder owned by this user that nobody else can write to (else another user could have put it there, and
+    would receive this command's environment and terminal)."""
+    me = os.getuid()
+    try:
+        st = os.lstat(path)
+        folder = os.lstat(os.path.dirname(os.path.abspath(path)))
+    except FileNotFoundError:
+        return None  # nothing there: connecting fails and says so
+    except OSError as e:
+        return f"cannot look at it ({e.strerror or e})"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "not a socket"
+    if st.st_uid != me:
+        return f"the socket belongs to uid {st.st_uid}, not to you (uid {me})"
+    if folder.st_uid != me or folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return ("its folder is not private (it must be yours and writable by you only, e.g. "
+                "`mkdir -m 700 ~/.advgen`)")
+    return None
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end (Linux); None where the platform cannot say."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+
+
 def forward(path: str, argv: list[str]) -> int | None:
-    """Run ``advgen argv`` in the server at ``path``; its exit status, or None when no server answers there."""
+    """Run ``advgen argv`` in the server at ``path``; its exit status, or None when no trusted server answers
+    there (the command then runs in this process; the reason is printed once)."""
+    reason = untrusted(path)
+    if reason is not None:
+        print(f"advgen: not using {SERVER_ENV}={path}: {reason}; running here", file=sys.stderr)
+        return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
+        peer = _peer_uid(conn)
     except OSError as e:
         conn.close()
         print(f"advgen: no server at {SERVER_ENV}={path} ({e.strerror or e}); running here", file=sys.stderr)
+        return None
+    if peer is not None and peer != os.getuid():
+        conn.close()
+        print(f"advgen: not using {SERVER_ENV}={path}: the server runs as uid {peer}, not as you "
+              f"(uid {os.getuid()}); running here", file=sys.stderr)
         return None
     payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     try:
@@ -157,6 +198,10 @@ def serve(path: Path, *, log=print, usage: Path | None = None) -> None:
 
     threads = torch.get_num_threads()
     path = Path(path)
+    folder = path.absolute().parent.stat()
+    if folder.st_uid != os.getuid() or folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{path.parent} is not private: clients only use a socket in a folder that is yours "
+                              "and writable by you only (e.g. `mkdir -m 700 ~/.advgen`)")
     if path.is_socket():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
