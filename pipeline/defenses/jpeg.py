@@ -32,36 +32,24 @@ def jpeg_round_trip(u8: np.ndarray, quality: int) -> np.ndarray:
     return out
 
 
-# Pillow spends ~150 µs per small image, mostly per-call overhead, and defend shows the same images to every
-# model behind the same setting (and the clean ones again to the adaptive attack): each image is compressed once
-# per quality, kept by its bytes, least recently used first out (a hit costs ~2.5 µs). Results do not depend
-# on the cache: each image is compressed on its own. (Threads made misses slower: the overhead holds the GIL.)
+# Pillow spends ~150 µs per small image, mostly per-call overhead, and defend feeds the same batches to every
+# model behind the same setting: results are kept per (quality, batch bytes), least recently used first out.
 _CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
-_CACHED_BYTES = 0
-CACHE_BYTES = 1024 * 2**20
+CACHE_BYTES = 512 * 2**20
 
 
 def cached_round_trip(u8: np.ndarray, quality: int) -> np.ndarray:
-    """``jpeg_round_trip``, remembered per image: the same image at the same quality is compressed once."""
-    global _CACHED_BYTES
-    keys = [(quality, img.shape, hashlib.blake2b(img.tobytes(), digest_size=16).digest()) for img in u8]
-    out = np.empty_like(u8)
-    missing = []
-    for i, key in enumerate(keys):
-        hit = _CACHE.get(key)
-        if hit is None:
-            missing.append(i)
-        else:
-            _CACHE.move_to_end(key)
-            out[i] = hit
-    if missing:
-        done = jpeg_round_trip(u8[missing], quality)
-        out[missing] = done
-        for i, img in zip(missing, done):
-            _CACHE[keys[i]] = img.copy()
-            _CACHED_BYTES += img.nbytes
-        while _CACHED_BYTES > CACHE_BYTES and _CACHE:
-            _CACHED_BYTES -= _CACHE.popitem(last=False)[1].nbytes
+    """``jpeg_round_trip``, remembered: the same images at the same quality are compressed once."""
+    key = (quality, u8.shape, hashlib.blake2b(u8.tobytes(), digest_size=16).digest())
+    out = _CACHE.get(key)
+    if out is not None:
+        _CACHE.move_to_end(key)
+        return out
+    out = jpeg_round_trip(u8, quality)
+    out.setflags(write=False)
+    _CACHE[key] = out
+    while sum(v.nbytes for v in _CACHE.values()) > CACHE_BYTES:
+        _CACHE.popitem(last=False)
     return out
 
 
@@ -71,7 +59,7 @@ class _Bpda(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, quality: int) -> Tensor:  # noqa: ARG004 - ctx is autograd's
         u8 = (x.detach() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        back = torch.from_numpy(cached_round_trip(u8, quality)).permute(0, 3, 1, 2)
+        back = torch.from_numpy(cached_round_trip(u8, quality).copy()).permute(0, 3, 1, 2)
         return back.to(device=x.device, dtype=x.dtype) / 255
 
     @staticmethod
